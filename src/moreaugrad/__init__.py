@@ -1,0 +1,28 @@
+"""moreaugrad: first-order oracles beyond back-propagation for chains of computations in PyTorch.
+
+    import moreaugrad as mg
+    chain = mg.Chain(model)                          # an nn.Sequential, one stage per child
+    oracle = mg.Oracle(chain, mg.losses.CrossEntropy(), mg.rules.backprop())
+    opt.zero_grad(); oracle.backward(x, y); opt.step()
+"""
+
+from . import control, losses, rules
+from .chain import Chain, Stage
+from .oracle import NonFiniteError, Oracle, OracleResult
+from .types import Dual, SolveInfo, Target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Chain",
+    "Dual",
+    "NonFiniteError",
+    "Oracle",
+    "OracleResult",
+    "SolveInfo",
+    "Stage",
+    "Target",
+    "control",
+    "losses",
+    "rules",
+]

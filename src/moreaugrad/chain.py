@@ -1,0 +1,216 @@
+"""Chains of stages ``x_t = phi_t(w_t, x_{t-1})`` built from ``nn.Sequential`` or from dynamics.
+
+DESIGN section 1; 000 Def. 1.1. A :class:`Chain` is an ``nn.Module``, so ``chain.parameters()`` feeds
+any ``torch.optim`` optimizer and ``chain(x)`` is the plain forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .types import Weights
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a stage parameter lives: ``param`` itself, or row ``index`` of it (one control per step)."""
+
+    name: str
+    param: nn.Parameter
+    index: int | None = None
+
+    def value(self) -> Tensor:
+        return self.param if self.index is None else self.param[self.index]
+
+    def grad_view(self) -> Tensor:
+        if self.param.grad is None:
+            self.param.grad = torch.zeros_like(self.param)
+        return self.param.grad if self.index is None else self.param.grad[self.index]
+
+
+class Stage:
+    """One stage ``phi_t(w_t, x)`` of a chain.
+
+    Args:
+        module: the ``nn.Module`` that computes the stage; rules and closed forms are looked up by
+            its type.
+        slots: the stage's parameters ``w_t`` (only those that require grad).
+        index: ``t - 1``, the position of the stage in the chain.
+        fn: for dynamics, ``phi(w, x)`` with ``w`` the control of this step; ``None`` for modules.
+    """
+
+    def __init__(self, module: nn.Module, slots: Sequence[Slot], index: int,
+                 fn: Callable[[Tensor, Tensor], Tensor] | None = None):
+        self.module = module
+        self.slots = tuple(slots)
+        self.index = index
+        self.fn = fn
+        # An in-place module would overwrite the recorded input x_{t-1} that rules re-read.
+        self.inplace = bool(getattr(module, "inplace", False))
+
+    def __repr__(self) -> str:
+        return f"Stage({self.index}, {self.type_name})"
+
+    @property
+    def type_name(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def has_weights(self) -> bool:
+        return bool(self.slots)
+
+    def weights(self) -> Weights:
+        """The current ``w_t`` as tensors attached to the parameters (for the recorded graph)."""
+        return {s.name: s.value() for s in self.slots}
+
+    def record(self, x: Tensor) -> tuple[Tensor, Weights]:
+        """The forward pass of the stage, the only call that may update buffers (BatchNorm)."""
+        if self.inplace:
+            x = x.clone()
+        if self.fn is not None:
+            w = {s.name: s.value() for s in self.slots}
+            return self.fn(w["w"], x), w
+        return self.module(x), self.weights()
+
+    def __call__(self, w: Weights, x: Tensor) -> Tensor:
+        """Re-evaluate ``phi_t(w, x)`` for a rule, leaving the module's buffers untouched.
+
+        Missing entries of ``w`` take the stage's current parameters.
+        """
+        if self.inplace:
+            x = x.clone()
+        if self.fn is not None:
+            return self.fn(w["w"] if "w" in w else self.slots[0].value(), x)
+        # Cloned buffers absorb the running-statistics update a train-mode BatchNorm would make.
+        state = {k: b.clone() for k, b in self.module.named_buffers()}
+        state.update(w)
+        return functional_call(self.module, state, (x,))
+
+    @torch.no_grad()
+    def accumulate(self, direction: Weights) -> None:
+        """``p.grad += d_t`` for each parameter, like ``loss.backward()``."""
+        for s in self.slots:
+            s.grad_view().add_(direction[s.name])
+
+    @torch.no_grad()
+    def update(self, direction: Weights, step: float) -> None:
+        """``w_t <- w_t - step * d_t``."""
+        for s in self.slots:
+            s.value().sub_(direction[s.name], alpha=step)
+
+
+class Dynamics(nn.Module):
+    """The per-step map of a chain built by :meth:`Chain.from_dynamics` (for rule dispatch)."""
+
+    def __init__(self, phi: Callable[[Tensor, Tensor], Tensor]):
+        super().__init__()
+        self.phi = phi
+
+    def forward(self, w: Tensor, x: Tensor) -> Tensor:
+        return self.phi(w, x)
+
+    def extra_repr(self) -> str:
+        return getattr(self.phi, "__name__", repr(self.phi))
+
+
+class Chain(nn.Module):
+    """A chain of computations ``x_t = phi_t(w_t, x_{t-1})`` (000 Def. 1.1).
+
+    Each child of the ``nn.Sequential`` is one stage: ``Linear, ReLU`` as two children are two
+    stages; ``Sequential(Linear, ReLU)`` as one child is one stage (a "layer"); a residual block is
+    one stage. Only parameters with ``requires_grad`` are stage weights.
+
+    Args:
+        model: an ``nn.Sequential``.
+
+    Example:
+        >>> chain = Chain(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+        >>> len(chain)
+        3
+    """
+
+    def __init__(self, model: nn.Sequential):
+        super().__init__()
+        if isinstance(model, Chain):
+            raise TypeError("moreaugrad.Chain: model is already a Chain; use it directly")
+        if not isinstance(model, nn.Sequential):
+            raise TypeError(
+                f"moreaugrad.Chain: model must be an nn.Sequential whose children are the stages, "
+                f"got {type(model).__name__}. Wrap it, e.g. Chain(nn.Sequential(model)) for a single "
+                f"stage, or list its layers in an nn.Sequential."
+            )
+        if len(model) == 0:
+            raise ValueError("moreaugrad.Chain: model must have at least one stage, got an empty "
+                             "nn.Sequential")
+        self.model = model
+        self.x0: Tensor | None = None
+        self.stages = tuple(
+            Stage(child, [Slot(n, p) for n, p in child.named_parameters() if p.requires_grad], t)
+            for t, child in enumerate(model)
+        )
+
+    @classmethod
+    def from_dynamics(cls, phi: Callable[[Tensor, Tensor], Tensor], controls: Tensor,
+                      x0: Tensor) -> Chain:
+        """A control chain ``x_t = phi(w_t, x_{t-1})`` with one control ``w_t = controls[t-1]`` per step.
+
+        Args:
+            phi: ``phi(w, x)`` mapping a control ``w`` (shape ``controls.shape[1:]``) and a batch of
+                states ``x`` (shape ``(B, d)``) to the next states; it must broadcast over the batch.
+            controls: shape ``(tau, ...)``; becomes the chain's parameter ``controls`` (an existing
+                ``nn.Parameter`` is used as is, so an optimizer built on it keeps working).
+            x0: the initial state, shape ``(d,)`` or ``(B, d)``; a 1-D state gets a batch of one.
+        """
+        if not callable(phi):
+            raise TypeError(f"Chain.from_dynamics: phi must be callable, got {type(phi).__name__}")
+        if not isinstance(controls, Tensor) or controls.dim() < 1 or controls.shape[0] < 1:
+            got = tuple(controls.shape) if isinstance(controls, Tensor) else type(controls).__name__
+            raise ValueError(f"Chain.from_dynamics: controls must be a tensor of shape (tau, ...) "
+                             f"with tau >= 1, got {got}")
+        if not isinstance(x0, Tensor) or x0.dim() < 1:
+            got = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
+            raise ValueError(f"Chain.from_dynamics: x0 must be a tensor of shape (d,) or (B, d), "
+                             f"got {got}")
+        if controls.dtype != x0.dtype or controls.device != x0.device:
+            raise TypeError(f"Chain.from_dynamics: controls and x0 must share dtype and device, got "
+                            f"{controls.dtype}/{controls.device} and {x0.dtype}/{x0.device}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.controls = controls if isinstance(controls, nn.Parameter) else nn.Parameter(
+            controls.detach().clone())
+        step = Dynamics(phi)
+        self.model = nn.Sequential(step)
+        self.register_buffer("x0", x0.detach().clone() if x0.dim() > 1 else x0.detach()[None].clone())
+        self.stages = tuple(
+            Stage(step, [Slot("w", self.controls, t)], t, fn=phi) for t in range(controls.shape[0])
+        )
+        return self
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def forward(self, x: Tensor | None = None) -> Tensor:
+        x = self.input(x)
+        for stage in self.stages:
+            x, _ = stage.record(x)
+        return x
+
+    def input(self, x: Tensor | None) -> Tensor:
+        """The chain's input: ``x`` itself, or the stored ``x0`` of a dynamics chain."""
+        if x is None:
+            if self.x0 is None:
+                raise ValueError("moreaugrad.Chain: x is required for a chain built from a network "
+                                 "(only a chain from dynamics stores x0)")
+            return self.x0
+        if not isinstance(x, Tensor):
+            raise TypeError(f"moreaugrad.Chain: x must be a torch.Tensor, got {type(x).__name__}")
+        return x
+
+    def reference(self) -> Tensor | None:
+        """A parameter or buffer whose dtype and device inputs must match (None if there is none)."""
+        return next(iter(self.parameters()), None) if self.x0 is None else self.x0

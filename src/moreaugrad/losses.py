@@ -1,0 +1,98 @@
+"""Objectives ``h(x_tau)`` and per-stage regularisers ``r_t(w_t)`` (000 App. D.1, D.6, E.1.2).
+
+An objective is any callable ``h(output, target) -> scalar tensor``; the two below reduce by the
+mean over the batch, as 000 App. D.1 writes ``h(z) = (1/n) sum_i L(y_i, z_i)``, and check their
+inputs so that a shape or dtype slip fails with both shapes in the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_batch(name: str, output: Tensor, target: Tensor) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{name}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != output.device:
+        raise TypeError(f"{name}: target is on {target.device} but the output is on {output.device}")
+    if output.dim() == 0 or target.dim() == 0 or target.shape[0] != output.shape[0]:
+        raise ValueError(f"{name}: target and output must share the batch dimension, got target "
+                         f"shape {tuple(target.shape)} and output shape {tuple(output.shape)}")
+
+
+@dataclass(frozen=True)
+class SquaredLoss:
+    """``h(z) = (1/B) sum_i ||z_i - y_i||^2 / 2``: half the squared error, summed over features and
+    averaged over the batch (000 App. E.1.2).
+
+    A 1-D integer target of class indices is one-hot encoded against the output's last dimension,
+    so the same labels serve cross-entropy and the squared loss (the paper's MNIST MLP).
+    """
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        _check_batch("SquaredLoss", output, target)
+        if not target.is_floating_point():
+            if target.dim() != 1 or output.dim() != 2:
+                raise ValueError(f"SquaredLoss: integer targets must be class indices of shape (B,) "
+                                 f"for an output of shape (B, C), got target {tuple(target.shape)} "
+                                 f"and output {tuple(output.shape)}")
+            target = F.one_hot(target.long(), output.shape[1]).to(output.dtype)
+        elif target.shape != output.shape:
+            raise ValueError(f"SquaredLoss: target shape {tuple(target.shape)} does not match output "
+                             f"shape {tuple(output.shape)}")
+        elif target.dtype != output.dtype:
+            raise TypeError(f"SquaredLoss: target dtype {target.dtype} does not match output dtype "
+                            f"{output.dtype}")
+        return 0.5 * (output - target).pow(2).sum() / output.shape[0]
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """``h(z) = (1/B) sum_i (logsumexp(z_i) - z_{i, y_i})``: softmax cross-entropy on logits of shape
+    ``(B, C)`` with integer labels of shape ``(B,)``, averaged over the batch."""
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        _check_batch("CrossEntropy", output, target)
+        if output.dim() != 2:
+            raise ValueError(f"CrossEntropy: output must be logits of shape (B, C), got "
+                             f"{tuple(output.shape)}")
+        if target.dim() != 1 or target.is_floating_point() or target.dtype == torch.bool:
+            raise ValueError(f"CrossEntropy: target must hold integer class indices of shape (B,), "
+                             f"got shape {tuple(target.shape)} and dtype {target.dtype}")
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= output.shape[1]):
+            raise ValueError(f"CrossEntropy: class indices must lie in [0, {output.shape[1]}), got "
+                             f"range [{int(target.min())}, {int(target.max())}]")
+        return F.cross_entropy(output, target.long())
+
+
+@dataclass(frozen=True)
+class L2:
+    """The per-stage regulariser ``r_t(w_t) = mu ||w_t||^2 / 2`` (000 App. D.6, E.1.2 uses 1e-6).
+
+    Args:
+        mu: the weight, a finite number > 0.
+    """
+
+    mu: float
+
+    def __post_init__(self) -> None:
+        mu = self.mu
+        if isinstance(mu, bool) or not isinstance(mu, int | float) or not 0 < mu < float("inf"):
+            raise ValueError(f"L2: mu must be a finite number > 0, got {mu!r}")
+
+    def __call__(self, w: Tensor) -> Tensor:
+        return 0.5 * self.mu * w.pow(2).sum()
+
+    def grad(self, w: Tensor) -> Tensor:
+        return self.mu * w
+
+    def prox(self, v: Tensor, step: float) -> Tensor:
+        """``argmin_u r(u) + ||u - v||^2 / (2 step) = v / (1 + step mu)``."""
+        return v / (1.0 + step * self.mu)
+
+
+Regularizer = L2

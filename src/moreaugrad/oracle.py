@@ -1,0 +1,157 @@
+"""``Oracle``: a chain, an objective and a rule, used like ``loss.backward()`` (DESIGN sections 2, 8)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .chain import Chain
+from .losses import Regularizer
+from .rules import Rule, backprop
+from .sweep import record, sweep
+from .types import Signal, StageInfo, Weights
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, signal or direction that is NaN or infinite; it is reported, never used."""
+
+
+@dataclass
+class OracleResult:
+    """What one call of :meth:`Oracle.backward` or :meth:`Oracle.step` computed.
+
+    Attributes:
+        loss: ``h(x_tau) + sum_t r_t(w_t)`` at the current weights (a detached scalar tensor).
+        output: ``x_tau`` (detached).
+        directions: per stage, ``d_t`` as ``{parameter name: tensor}``; ``None`` for stages
+            without weights.
+        steps: per stage, the rule's own step ``s_t`` in ``w_t^+ = w_t - s_t d_t``.
+        info: per stage, what the state and weight solves did.
+        input_signal: ``signal_0`` when the input required grad (network inversion), else None.
+    """
+
+    loss: Tensor
+    output: Tensor
+    directions: list[Weights | None]
+    steps: list[float | None]
+    info: list[StageInfo]
+    input_signal: Signal | None = None
+
+
+class Oracle:
+    """A first-order oracle on ``h(f(w, x_0)) + sum_t r_t(w_t)`` computed by one backward sweep.
+
+    Args:
+        chain: a :class:`~moreaugrad.Chain` (an ``nn.Sequential`` is wrapped in one).
+        objective: ``h(output, target) -> scalar``, e.g. :class:`~moreaugrad.losses.CrossEntropy`.
+        rule: the rule per line of the sweep (default :func:`~moreaugrad.rules.backprop`).
+        regularizer: ``r_t`` for every stage (e.g. ``L2(1e-6)``), or a sequence with one entry (or
+            ``None``) per stage.
+
+    Example:
+        >>> oracle = Oracle(chain, losses.CrossEntropy())
+        >>> opt.zero_grad(); oracle.backward(x, y); opt.step()
+    """
+
+    def __init__(self, chain: Chain | nn.Sequential, objective: Callable[[Tensor, Any], Tensor],
+                 rule: Rule | None = None,
+                 regularizer: Regularizer | Sequence[Regularizer | None] | None = None):
+        self.chain = chain if isinstance(chain, Chain) else Chain(chain)
+        if not callable(objective):
+            raise TypeError(f"Oracle: objective must be callable as h(output, target), got "
+                            f"{type(objective).__name__}")
+        self.objective = objective
+        self.rule = backprop() if rule is None else rule
+        if not isinstance(self.rule, Rule):
+            raise TypeError(f"Oracle: rule must be a moreaugrad.rules.Rule (e.g. "
+                            f"mg.rules.backprop()), got {type(self.rule).__name__}")
+        tau = len(self.chain)
+        if regularizer is None or not isinstance(regularizer, Sequence):
+            self.regularizers = [regularizer] * tau
+        elif len(regularizer) != tau:
+            raise ValueError(f"Oracle: regularizer must have one entry per stage ({tau}), got "
+                             f"{len(regularizer)}")
+        else:
+            self.regularizers = list(regularizer)
+        for r in self.regularizers:
+            if r is not None and not (callable(r) and hasattr(r, "grad")):
+                raise TypeError(f"Oracle: a regularizer must be callable with a .grad method "
+                                f"(e.g. mg.losses.L2(1e-6)), got {type(r).__name__}")
+
+    def _check_input(self, x: Tensor) -> None:
+        ref = self.chain.reference()
+        if ref is None:
+            return
+        if x.dtype != ref.dtype:
+            raise TypeError(f"Oracle: input dtype {x.dtype} does not match the chain's dtype "
+                            f"{ref.dtype}; convert one of them (e.g. x.to({ref.dtype}))")
+        if x.device != ref.device:
+            raise TypeError(f"Oracle: input is on {x.device} but the chain is on {ref.device}")
+
+    def _run(self, x: Tensor | None, y: Any) -> OracleResult:
+        x = self.chain.input(x)
+        self._check_input(x)
+        tape = record(self.chain, x, self.regularizers, input_signal=x.requires_grad)
+        out = sweep(tape, self.rule, self.objective, y)
+        loss = out.loss
+        for site in tape.sites:
+            if site.regularizer is not None:
+                loss = loss + sum(site.regularizer(w.detach()) for w in site.w.values())
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"Oracle: the loss is not finite ({loss.item()})")
+        directions = [None if u is None else u.direction for u in out.directions]
+        _check_finite(directions)
+        return OracleResult(
+            loss=loss.detach(),
+            output=tape.output.detach(),
+            directions=directions,
+            steps=[None if u is None else u.step for u in out.directions],
+            info=out.info,
+            input_signal=out.signals[0] if x.requires_grad else None,
+        )
+
+    def backward(self, x: Tensor | None = None, y: Any = None) -> OracleResult:
+        """Accumulate each stage's direction ``d_t`` into ``p.grad``, like ``loss.backward()``.
+
+        If ``x`` requires grad, ``signal_0`` is returned as ``result.input_signal`` and its dual
+        form is accumulated into ``x.grad``. For a chain built from dynamics, ``x`` defaults to the
+        stored ``x0``.
+        """
+        result = self._run(x, y)
+        for stage, d in zip(self.chain.stages, result.directions, strict=True):
+            if d is not None:
+                stage.accumulate(d)
+        if result.input_signal is not None:
+            x = self.chain.input(x)
+            lam = result.input_signal.dual(x.detach())
+            x.grad = lam.clone() if x.grad is None else x.grad + lam
+        return result
+
+    def step(self, x: Tensor | None = None, y: Any = None) -> OracleResult:
+        """The paper's own update ``w_t <- w_t - s_t d_t = w_t^+`` for every stage (000 Algo 6).
+
+        ``.grad`` is left untouched. The returned loss is the one before the update.
+        """
+        result = self._run(x, y)
+        for stage, d, s in zip(self.chain.stages, result.directions, result.steps, strict=True):
+            if d is not None:
+                stage.update(d, s)
+        return result
+
+
+def _check_finite(directions: list[Weights | None]) -> None:
+    flat = [(t, n, d) for t, ds in enumerate(directions) if ds for n, d in ds.items()]
+    if not flat:
+        return
+    # One reduction and one host sync for the common, finite case.
+    if torch.isfinite(torch.stack([d.sum() for _, _, d in flat])).all():
+        return
+    for t, n, d in flat:
+        if not torch.isfinite(d).all():
+            raise NonFiniteError(f"Oracle: the direction of stage {t + 1}, parameter {n!r}, is not "
+                                 f"finite ({int((~torch.isfinite(d)).sum())} of {d.numel()} "
+                                 f"entries)")

@@ -1,0 +1,77 @@
+"""The ``grad`` rules: back-propagation as vjps on each stage's recorded graph (000 Algo 3-5).
+
+* objective: ``lambda_tau = grad h(x_tau)``;
+* state: ``lambda_{t-1} = d_x phi_t(w_t, x_{t-1})^T lambda_t``;
+* weight: ``d_t = d_w phi_t(w_t, x_{t-1})^T lambda_t + grad r_t(w_t)``, with step ``s_t = step``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
+from .registry import LineRule, register
+
+
+def check_positive(owner: str, name: str, value: Any, allow_none: bool = False) -> None:
+    """``ValueError("owner: name must be > 0, got value")`` unless ``value`` is a finite positive."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 \
+            or value != value or value == float("inf"):
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+
+
+def objective_value(h: Any, output: Tensor, target: Any) -> tuple[Tensor, Tensor]:
+    """``(h(x_tau), x_tau)`` with ``x_tau`` a fresh leaf, so ``grad h`` stops at the output."""
+    out = output.detach().requires_grad_(True)
+    loss = h(out, target)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"objective: h(output, target) must return a scalar tensor, got {shape}")
+    return loss.reshape(()), out
+
+
+@dataclass(frozen=True)
+class Grad(LineRule):
+    """Gradient back-propagation on any line (000 Algo 3-5).
+
+    Args:
+        step: the weight step ``s_t`` used by ``Oracle.step`` (plain gradient descent). It does not
+            change the direction written to ``.grad``.
+    """
+
+    step: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_positive("grad", "step", self.step)
+
+    def objective(self, h: Any, output: Tensor, target: Any) -> tuple[Tensor, Signal, None]:
+        loss, out = objective_value(h, output, target)
+        (lam,) = torch.autograd.grad(loss, out)
+        return loss.detach(), Dual(lam), None
+
+
+def regularized(site: Any, direction: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``d_t + grad r_t(w_t)`` when the stage has a regulariser (000 App. D.6)."""
+    if site.regularizer is None:
+        return direction
+    return {n: d + site.regularizer.grad(site.w[n].detach()) for n, d in direction.items()}
+
+
+@register(Grad, "state")
+def grad_state(rule: Grad, site: Any, signal: Signal) -> StateUpdate:
+    """``lambda_{t-1} = d_x phi_t^T lambda_t``."""
+    dx, _ = site.vjp(signal.dual(site.x.detach()))
+    return StateUpdate(Dual(dx))
+
+
+@register(Grad, "weight")
+def grad_weight(rule: Grad, site: Any, signal: Signal) -> WeightUpdate:
+    """``d_t = d_w phi_t^T lambda_t + grad r_t(w_t)``."""
+    _, dw = site.vjp(signal.dual(site.x.detach()))
+    return WeightUpdate(regularized(site, dw), rule.step, SolveInfo("vjp"))

@@ -1,0 +1,155 @@
+"""The forward tape and the one backward sweep (DESIGN section 2; 000 Algo 1-2; 001 Algo 1-2).
+
+The forward pass records, for each stage, its input ``x_{t-1}``, its weights ``w_t`` and its output
+``x_t`` with the stage's *local* autograd graph. A rule that needs the linearisation asks the site
+for a vjp, which runs on that local graph (no re-evaluation); a rule that solves an inner problem
+re-evaluates ``phi_t`` through :meth:`Site.phi`, which never touches the module's buffers.
+
+``sweep`` walks ``t = tau..1`` and never branches on which oracle it runs: it asks the rule chosen
+for each line (objective, weight, state) and records what it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .chain import Chain, Stage
+from .types import Signal, StageInfo, Weights, WeightUpdate
+
+if TYPE_CHECKING:
+    from .losses import Regularizer
+    from .rules import Rule
+
+
+@dataclass(eq=False)
+class Site:
+    """One recorded stage: ``x = phi_t(w, x_prev)`` with its local graph.
+
+    Attributes:
+        stage: the stage (its module decides which closed forms apply).
+        x_prev: ``x_{t-1}``, a leaf; it requires grad when the state rule may need a vjp.
+        x: ``x_t``, attached to ``x_prev`` and ``w`` by the local graph.
+        w: ``w_t`` as recorded (attached to the parameters).
+        horizon: ``tau``, the number of stages, for schedules.
+        regularizer: ``r_t``, or None.
+    """
+
+    stage: Stage
+    x_prev: Tensor
+    x: Tensor
+    w: Weights
+    horizon: int
+    regularizer: Regularizer | None = None
+    _cache: dict[int, tuple[Tensor, tuple[Tensor | None, Tensor | None]]] = field(
+        default_factory=dict, repr=False)
+
+    @property
+    def t(self) -> int:
+        """The stage's position ``t`` in ``1..tau`` (the papers' index)."""
+        return self.stage.index + 1
+
+    @property
+    def needs_state(self) -> bool:
+        return self.x_prev.requires_grad
+
+    def phi(self, w: Weights | None = None, x: Tensor | None = None) -> Tensor:
+        """``phi_t(w, x)`` re-evaluated, with the recorded ``w_t`` and ``x_{t-1}`` by default."""
+        return self.stage({} if w is None else w, self.x_prev.detach() if x is None else x)
+
+    def vjp(self, lam: Tensor) -> tuple[Tensor | None, Weights]:
+        """``(d_x phi_t^T lam, d_w phi_t^T lam)`` on the recorded graph.
+
+        One autograd call serves both the state and the weight line when they ask with the same
+        ``lam`` (the common case: the signal of this stage), so backprop costs one vjp per stage.
+        """
+        key = id(lam)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is lam:
+            dx, dws = hit[1]
+        else:
+            inputs = ([self.x_prev] if self.needs_state else []) + list(self.w.values())
+            if not inputs:
+                return None, {}
+            grads = torch.autograd.grad(self.x, inputs, lam, retain_graph=True, allow_unused=True)
+            dx = grads[0] if self.needs_state else None
+            dws = grads[1:] if self.needs_state else grads
+            self._cache[key] = (lam, (dx, dws))
+        if dx is None and self.needs_state:
+            dx = torch.zeros_like(self.x_prev)
+        return dx, {n: torch.zeros_like(p) if g is None else g
+                    for (n, p), g in zip(self.w.items(), dws, strict=True)}
+
+
+@dataclass
+class Tape:
+    """The forward pass of a chain: its sites and the output ``x_tau``."""
+
+    sites: list[Site]
+    output: Tensor
+
+
+def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | None = None,
+           input_signal: bool = False) -> Tape:
+    """Run the forward pass once, recording each stage's local graph (000 Algo 1, 001 Algo 1).
+
+    Buffers (BatchNorm running statistics) are updated here, once, and nowhere else.
+    """
+    sites = []
+    tau = len(chain)
+    regs = regularizers or [None] * tau
+    for t, stage in enumerate(chain.stages):
+        x_prev = x.detach().requires_grad_(t > 0 or input_signal)
+        try:
+            out, w = stage.record(x_prev)
+        except RuntimeError as err:
+            raise ValueError(f"stage {t + 1}/{tau} ({stage.module!r}) failed on an input of shape "
+                             f"{tuple(x_prev.shape)} and dtype {x_prev.dtype}: {err}") from err
+        sites.append(Site(stage, x_prev, out, w, tau, regs[t]))
+        x = out
+    return Tape(sites, x)
+
+
+@dataclass
+class SweepResult:
+    """What one backward sweep produced."""
+
+    loss: Tensor
+    directions: list[WeightUpdate | None]
+    signals: list[Signal]
+    info: list[StageInfo]
+
+
+def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> SweepResult:
+    """The backward sweep of DESIGN section 2.
+
+    ``signal_tau = objective(h, x_tau)``; then for ``t = tau..1``:
+    ``d_t = weight_rule(site_t, signal_t)`` (if ``w_t`` is not empty) and
+    ``signal_{t-1} = state_rule(site_t, signal_t)`` (if ``x_{t-1}`` is a variable).
+
+    Returns the loss, per-stage weight updates, signals ``signal_0..signal_tau`` (``signal_0`` only
+    if the input was a variable, else the list starts at ``signal_1``) and per-stage info.
+    """
+    loss, signal, objective_info = rule.objective.objective(h, tape.output, target)
+    tau = len(tape.sites)
+    directions: list[WeightUpdate | None] = [None] * tau
+    info = [StageInfo() for _ in range(tau)]
+    info[-1].extra["objective"] = objective_info
+    signals = [signal]
+    for site in reversed(tape.sites):
+        t = site.stage.index
+        if site.stage.has_weights:
+            update = rule.weight_for(site).weight(site, signal)
+            directions[t] = update
+            info[t].weight = update.info
+        if site.needs_state:
+            state = rule.state_for(site).state(site, signal)
+            signal = state.signal
+            info[t].state = state.info
+            signals.append(signal)
+    signals.reverse()
+    return SweepResult(loss, directions, signals, info)

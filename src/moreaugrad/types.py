@@ -1,0 +1,126 @@
+"""Contracts: what a chain, a signal, a rule and a solve report are.
+
+A *chain* is ``x_t = phi_t(w_t, x_{t-1})`` for ``t = 1..tau`` with an input ``x_0`` that carries a
+leading batch dimension, per-stage parameters ``w_t`` (possibly empty) and an objective
+``h(x_tau)`` that reduces over the batch (DESIGN section 1; 000 Def. 1.1).
+
+The backward sweep (``moreaugrad.sweep``) walks the chain from ``t = tau`` to ``1`` and asks three
+*line rules* (001 Algo 1-2: lines 2, 4 and 5) what to do:
+
+* the objective rule maps ``h`` and ``x_tau`` to the first signal;
+* the weight rule maps ``(site, signal_t)`` to a direction ``d_t`` and a step ``s_t`` with
+  ``w_t^+ = w_t - s_t d_t``;
+* the state rule maps ``(site, signal_t)`` to ``signal_{t-1}``.
+
+A *signal* is either a dual direction ``lambda_t`` or a target ``x_t^+``; they are linked by
+``lambda_t = beta_t (x_t - x_t^+)`` (000 Prop. 2.2).
+
+Rules are pure: they read the site (the recorded stage, its input, output and weights) and the
+signal, and return new tensors. They never mutate their inputs and keep no state between calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .sweep import Site
+
+Weights = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Dual:
+    """A dual direction ``lambda_t``, shaped like the state ``x_t`` (batch first)."""
+
+    value: Tensor
+
+    def dual(self, x: Tensor, beta: float = 1.0) -> Tensor:  # noqa: ARG002 - same signature as Target
+        return self.value
+
+    def target(self, x: Tensor, beta: float = 1.0) -> Tensor:
+        """``x^+ = x - lambda / beta`` (000 Prop. 2.2 read backwards)."""
+        return x - self.value / beta
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target state ``x_t^+``, shaped like the state ``x_t`` (batch first)."""
+
+    value: Tensor
+
+    def dual(self, x: Tensor, beta: float = 1.0) -> Tensor:
+        """``lambda = beta (x - x^+)`` (000 Prop. 2.2)."""
+        return beta * (x - self.value)
+
+    def target(self, x: Tensor, beta: float = 1.0) -> Tensor:  # noqa: ARG002
+        return self.value
+
+
+Signal = Dual | Target
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """What an inner solve did: iterations, final residual and whether it met its tolerance.
+
+    ``residual`` is the norm of the subproblem's gradient at the returned point (the largest over
+    the batch for problems that separate over samples). ``message`` says why a solve stopped when it
+    did not converge (iteration cap, non-finite iterate, subproblem not strongly convex).
+    """
+
+    method: str
+    iterations: int = 0
+    residual: float = 0.0
+    converged: bool = True
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """A weight rule's answer: ``w_t^+ = w_t - step * direction`` (DESIGN section 2)."""
+
+    direction: Weights
+    step: float | None
+    info: SolveInfo | None = None
+
+
+@dataclass(frozen=True)
+class StateUpdate:
+    """A state rule's answer: the signal for the previous stage."""
+
+    signal: Signal
+    info: SolveInfo | None = None
+
+
+@runtime_checkable
+class StateRule(Protocol):
+    """Line 4 of the sweep: ``signal_t -> signal_{t-1}``."""
+
+    def state(self, site: Site, signal: Signal) -> StateUpdate: ...
+
+
+@runtime_checkable
+class WeightRule(Protocol):
+    """Line 5 of the sweep: ``signal_t -> (d_t, s_t)``."""
+
+    def weight(self, site: Site, signal: Signal) -> WeightUpdate: ...
+
+
+@runtime_checkable
+class ObjectiveRule(Protocol):
+    """Line 2 of the sweep: ``h, x_tau -> (loss, signal_tau)``."""
+
+    def objective(self, h: Any, output: Tensor, target: Any) -> tuple[Tensor, Signal, SolveInfo | None]: ...
+
+
+@dataclass
+class StageInfo:
+    """Per-stage report of one sweep: what the state and weight solves did."""
+
+    state: SolveInfo | None = None
+    weight: SolveInfo | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
