@@ -134,8 +134,8 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
     Returns the loss, per-stage weight updates, signals ``signal_0..signal_tau`` (``signal_0`` only
     if the input was a variable, else the list starts at ``signal_1``) and per-stage info.
     """
-    loss, signal, objective_info = rule.objective.objective(h, tape.output, target)
     tau = len(tape.sites)
+    loss, signal, objective_info = rule.objective.objective(h, tape.output, target, tau)
     directions: list[WeightUpdate | None] = [None] * tau
     info = [StageInfo() for _ in range(tau)]
     info[-1].extra["objective"] = objective_info

@@ -112,9 +112,10 @@ class WeightRule(Protocol):
 
 @runtime_checkable
 class ObjectiveRule(Protocol):
-    """Line 2 of the sweep: ``h, x_tau -> (loss, signal_tau)``."""
+    """Line 2 of the sweep: ``h, x_tau -> (loss, signal_tau)``; ``horizon`` is ``tau``, for schedules."""
 
-    def objective(self, h: Any, output: Tensor, target: Any) -> tuple[Tensor, Signal, SolveInfo | None]: ...
+    def objective(self, h: Any, output: Tensor, target: Any,
+                  horizon: int) -> tuple[Tensor, Signal, SolveInfo | None]: ...
 
 
 @dataclass

@@ -13,12 +13,13 @@ from typing import Any
 
 from ..types import ObjectiveRule, StateRule, WeightRule
 from .grad import Grad
+from .moreau import Geometric, Lagrangian, Moreau, Paper, PerStage, Schedule, SolverError, moreau
 from .registry import LineRule, lookup, register
 
-PerStage = Any  # a line rule, a sequence of line rules (one per stage), or a function site -> rule
+LineSpec = Any  # a line rule, a sequence of line rules (one per stage), or a function site -> rule
 
 
-def _pick(line: str, spec: PerStage, site: Any) -> Any:
+def _pick(line: str, spec: LineSpec, site: Any) -> Any:
     if isinstance(spec, LineRule) or hasattr(spec, line):
         return spec
     if isinstance(spec, Sequence):
@@ -65,4 +66,7 @@ def backprop(step: float = 1.0) -> Rule:
     return Rule(objective=Grad(), state=Grad(), weight=Grad(step))
 
 
-__all__ = ["Grad", "LineRule", "Rule", "backprop", "lookup", "register"]
+__all__ = [
+    "Geometric", "Grad", "Lagrangian", "LineRule", "Moreau", "Paper", "PerStage", "Rule", "Schedule",
+    "SolverError", "backprop", "lookup", "moreau", "register",
+]

@@ -50,7 +50,8 @@ class Grad(LineRule):
     def __post_init__(self) -> None:
         check_positive("grad", "step", self.step)
 
-    def objective(self, h: Any, output: Tensor, target: Any) -> tuple[Tensor, Signal, None]:
+    def objective(self, h: Any, output: Tensor, target: Any,
+                  horizon: int = 1) -> tuple[Tensor, Signal, None]:
         loss, out = objective_value(h, output, target)
         (lam,) = torch.autograd.grad(loss, out)
         return loss.detach(), Dual(lam), None

@@ -18,7 +18,7 @@ from ..types import Signal, StateUpdate, WeightUpdate
 
 Entry = Callable[[Any, Any, Signal], Any]
 _TABLE: dict[tuple[type, str, type], Entry] = {}
-LINES = ("state", "weight")
+LINES = ("objective", "state", "weight")
 
 
 def register(rule_type: type, line: str, *module_types: type) -> Callable[[Entry], Entry]:

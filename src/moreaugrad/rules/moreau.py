@@ -1,0 +1,394 @@
+"""Moreau rules: back-propagate Moreau gradients instead of vjps (000 Algo 1-2, 6; 001 MBP).
+
+With ``grad env(f)(x) = -argmin_y f(x + y) + ||y||^2/2`` (000 Sec. 1):
+
+* objective: ``lambda_tau = beta_tau grad env(gamma_tau h)(x_tau)``;
+* state:     ``lambda_{t-1} = beta_{t-1} grad env(gamma_{t-1} lambda_t^T phi_t(w_t, .))(x_{t-1})``
+  (000 Prop. 2.2, Algo 2 line 4);
+* weight:    ``w_t^+ = argmin_v alpha_t lambda_t^T phi_t(v, x_{t-1}) + alpha_t r_t(v) + ||v - w_t||^2/2``
+  and ``d_t = (w_t - w_t^+) / alpha_t`` (Algo 2 line 5, 000 App. D.6), so ``Oracle.step`` lands
+  on ``w_t^+`` and ``d_t -> grad`` as ``alpha_t -> 0``.
+
+Each inner problem is resolved by a closed form registered for the stage type when there is one
+(linear maps, elementwise activations, squared loss, cross-entropy), else by the rule's solver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import envelope
+from ..losses import CrossEntropy, SquaredLoss
+from ..solvers import LBFGS, GradientDescent, QuasiNewton, gdot
+from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
+from .grad import check_positive, objective_value
+from .registry import LineRule, lookup, register
+
+
+class SolverError(RuntimeError):
+    """An inner solve hit a non-finite iterate or a subproblem that is not strongly convex."""
+
+
+# -- schedules ----------------------------------------------------------------------------------
+
+
+class Schedule:
+    """Step sizes of the Moreau sweep, indexed as in 000 Algo 2.
+
+    ``dual(s, tau) -> (gamma_s, beta_s)`` for the problem that produces ``lambda_s``: ``s = tau`` is
+    the objective, ``s = t - 1`` the state rule of stage ``t``. ``step(t, tau) -> alpha_t`` is the
+    weight step of stage ``t`` in ``1..tau``. Subclass it for other schedules (e.g. the safe steps of 000
+    Prop. 2.3 from a smoothness estimate).
+    """
+
+    def dual(self, s: int, tau: int) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def step(self, t: int, tau: int) -> float:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Paper(Schedule):
+    """000 eq. 52: ``beta = 1``, constant ``gamma`` and ``alpha``.
+
+    With ``beta = 1`` the dual shrinks by roughly ``gamma`` per stage going backward (for a linear
+    stage ``lambda_{t-1} = gamma A^T lambda_t``): on the pendulum with ``gamma = 0.5`` only the last
+    ~20 controls move. Use :class:`Lagrangian` for directions that tend to the gradient.
+    """
+
+    gamma: float = 0.5
+    alpha: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_positive("Paper schedule", "gamma", self.gamma)
+        check_positive("Paper schedule", "alpha", self.alpha)
+
+    def dual(self, s: int, tau: int) -> tuple[float, float]:
+        return self.gamma, 1.0
+
+    def step(self, t: int, tau: int) -> float:
+        return self.alpha
+
+
+@dataclass(frozen=True)
+class Geometric(Schedule):
+    """000 Algo 2 with ``gamma_s = gamma^(tau - s + 1)``, ``beta_s = 1/gamma_s`` and
+    ``alpha_t = alpha gamma_{t+1}`` (000 Sec. 4, App. E.2.1; ``gamma_{tau+1} = 1``)."""
+
+    gamma: float = 0.5
+    alpha: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_positive("Geometric schedule", "gamma", self.gamma)
+        check_positive("Geometric schedule", "alpha", self.alpha)
+
+    def dual(self, s: int, tau: int) -> tuple[float, float]:
+        g = self.gamma ** (tau - s + 1)
+        return g, 1.0 / g
+
+    def step(self, t: int, tau: int) -> float:
+        return self.alpha * self.gamma ** (tau - t)
+
+
+@dataclass(frozen=True)
+class Lagrangian(Schedule):
+    """000 eq. 9: ``beta = 1/gamma``, constant ``gamma`` and ``alpha``; tends to backprop as
+    ``gamma, alpha -> 0`` and does not decay along the chain."""
+
+    gamma: float = 0.5
+    alpha: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_positive("Lagrangian schedule", "gamma", self.gamma)
+        check_positive("Lagrangian schedule", "alpha", self.alpha)
+
+    def dual(self, s: int, tau: int) -> tuple[float, float]:
+        return self.gamma, 1.0 / self.gamma
+
+    def step(self, t: int, tau: int) -> float:
+        return self.alpha
+
+
+@dataclass(frozen=True)
+class PerStage(Schedule):
+    """Explicit steps: ``gamma[s]``, ``beta[s]`` for ``s = 0..tau`` and ``alpha[t-1]`` for ``t = 1..tau``."""
+
+    gamma: tuple[float, ...]
+    beta: tuple[float, ...]
+    alpha: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("gamma", "beta", "alpha"):
+            values = tuple(self.__dict__[name])
+            object.__setattr__(self, name, values)
+            for i, v in enumerate(values):
+                check_positive("PerStage schedule", f"{name}[{i}]", v)
+        if len(self.gamma) != len(self.beta) or len(self.gamma) != len(self.alpha) + 1:
+            raise ValueError(f"PerStage schedule: need len(gamma) == len(beta) == len(alpha) + 1 "
+                             f"(tau + 1, tau + 1, tau), got {len(self.gamma)}, {len(self.beta)}, "
+                             f"{len(self.alpha)}")
+
+    def _tau(self, tau: int) -> None:
+        if tau != len(self.alpha):
+            raise ValueError(f"PerStage schedule: built for {len(self.alpha)} stages, the chain has {tau}")
+
+    def dual(self, s: int, tau: int) -> tuple[float, float]:
+        self._tau(tau)
+        return self.gamma[s], self.beta[s]
+
+    def step(self, t: int, tau: int) -> float:
+        self._tau(tau)
+        return self.alpha[t - 1]
+
+
+# -- the rule -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Moreau(LineRule):
+    """The Moreau rule for any line: objective, state and weight (000 Algo 2).
+
+    Args:
+        schedule: the steps ``gamma, beta, alpha`` (default :class:`Paper`, 000 eq. 52).
+        solver: the generic solver for stages without a closed form (default: the paper's two
+            quasi-Newton steps, 000 App. E.2.1).
+        solvers: per-stage overrides, ``{t: solver}`` with ``t`` in ``1..tau``.
+        closed_forms: use registered closed forms where they exist (turn off to check them).
+        warm_start: start generic solves from the linearised solution (one unit gradient step
+            from 0, i.e. the vjp) instead of 0.
+        strict: raise :class:`SolverError` on a non-finite iterate or a subproblem found not to be
+            strongly convex; otherwise both are reported in the result's info.
+    """
+
+    schedule: Schedule = field(default_factory=Paper)
+    solver: Any = field(default_factory=QuasiNewton)
+    solvers: dict[int, Any] = field(default_factory=dict)
+    closed_forms: bool = True
+    warm_start: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"moreau: schedule must be a Schedule (Paper, Geometric, Lagrangian, "
+                            f"PerStage), got {type(self.schedule).__name__}")
+        for t, s in {0: self.solver, **self.solvers}.items():
+            if not hasattr(s, "solve"):
+                raise TypeError(f"moreau: solver{'' if t == 0 else f's[{t}]'} must have a "
+                                f".solve(fun, z0) method, got {type(s).__name__}")
+
+    def solver_for(self, t: int) -> Any:
+        return self.solvers.get(t, self.solver)
+
+    def objective(self, h: Any, output: Tensor, target: Any,
+                  horizon: int) -> tuple[Tensor, Signal, SolveInfo | None]:
+        """``lambda_tau = beta grad env(gamma h)(x_tau)``, by a closed form for ``type(h)`` if any."""
+        loss, _ = objective_value(h, output, target)  # validates h and gives the loss
+        gamma, beta = self.schedule.dual(horizon, horizon)
+        entry = lookup(self, "objective", h) if self.closed_forms else GENERIC["objective"]
+        env, info = entry(self, h, output.detach(), target, gamma)
+        if info is not None and self.strict and info.message and "iteration cap" not in info.message:
+            raise SolverError(f"moreau: the objective subproblem failed: {info.message}")
+        return loss.detach(), Dual(beta * env), info
+
+    def _entry(self, line: str, site: Any) -> Any:
+        if self.closed_forms:
+            return lookup(self, line, site.stage.module)
+        return GENERIC[line]
+
+    def state(self, site: Any, signal: Signal) -> StateUpdate:
+        update = self._entry("state", site)(self, site, signal)
+        self._check(site, "state", update.info)
+        return update
+
+    def weight(self, site: Any, signal: Signal) -> WeightUpdate:
+        update = self._entry("weight", site)(self, site, signal)
+        self._check(site, "weight", update.info)
+        return update
+
+    def _check(self, site: Any, line: str, info: SolveInfo | None) -> None:
+        if self.strict and info is not None and info.message and "iteration cap" not in info.message:
+            raise SolverError(f"moreau: the {line} subproblem of stage {site.t} "
+                              f"({site.stage.type_name}) failed: {info.message} "
+                              f"(after {info.iterations} iterations, residual {info.residual:.3g})")
+
+
+# -- generic entries: any stage, any objective --------------------------------------------------
+
+
+def _solve(rule: Moreau, t: int, fun: Any, z0: list[Tensor]) -> tuple[list[Tensor], SolveInfo]:
+    return rule.solver_for(t).solve(fun, z0)
+
+
+def _separable(module: nn.Module) -> bool:
+    """Whether ``phi_t`` acts on each sample alone (train-mode batch norm mixes them)."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules())
+
+
+def generic_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
+    """``y* = argmin_y gamma lam^T phi_t(w_t, x + y) + ||y||^2/2`` by the rule's solver, per sample;
+    ``lambda_{t-1} = -beta y*``."""
+    gamma, beta = rule.schedule.dual(site.t - 1, site.horizon)
+    lam = signal.dual(site.x.detach())
+    x = site.x_prev.detach()
+    B = x.shape[0] if _separable(site.stage.module) and x.dim() > 0 else 1
+
+    def fun(z: list[Tensor]) -> Tensor:
+        (y,) = z
+        lin = (lam * site.phi(x=x + y)).reshape(B, -1).sum(1)
+        return gamma * lin + 0.5 * y.pow(2).reshape(B, -1).sum(1)
+
+    y0 = -gamma * site.vjp(lam)[0] if rule.warm_start else torch.zeros_like(x)
+    (y,), info = _solve(rule, site.t, fun, [y0])
+    return StateUpdate(Dual(-beta * y), info)
+
+
+def generic_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
+    """``v* = argmin_v alpha lam^T phi_t(v, x) + alpha r_t(v) + ||v - w||^2/2`` by the rule's
+    solver; ``d_t = (w - v*) / alpha``."""
+    alpha = rule.schedule.step(site.t, site.horizon)
+    lam = signal.dual(site.x.detach())
+    names = list(site.w)
+    w = [site.w[n].detach() for n in names]
+    reg = site.regularizer
+
+    def fun(z: list[Tensor]) -> Tensor:
+        v = [wi + zi for wi, zi in zip(w, z, strict=True)]
+        val = alpha * (lam * site.phi(dict(zip(names, v, strict=True)))).sum()
+        if reg is not None:
+            val = val + alpha * sum(reg(vi) for vi in v)
+        return (val + 0.5 * gdot(z, z, 1)).reshape(1)
+
+    if rule.warm_start:
+        g = site.vjp(lam)[1]
+        z0 = [-alpha * g[n] for n in names]
+    else:
+        z0 = [torch.zeros_like(wi) for wi in w]
+    z, info = _solve(rule, site.t, fun, z0)
+    return WeightUpdate({n: -zi / alpha for n, zi in zip(names, z, strict=True)}, alpha, info)
+
+
+def generic_objective(rule: Moreau, h: Any, z: Tensor, target: Any, gamma: float) -> tuple[Tensor, SolveInfo]:
+    """``grad env(gamma h)(z) = -argmin_y gamma h(z + y) + ||y||^2/2`` (``h`` couples the batch)."""
+
+    def fun(v: list[Tensor]) -> Tensor:
+        (y,) = v
+        return (gamma * h(z + y, target) + 0.5 * y.pow(2).sum()).reshape(1)
+
+    (y,), info = rule.solver.solve(fun, [torch.zeros_like(z)])
+    return -y, info
+
+
+GENERIC = {"state": generic_state, "weight": generic_weight, "objective": generic_objective}
+register(Moreau, "state")(generic_state)
+register(Moreau, "weight")(generic_weight)
+register(Moreau, "objective", object)(generic_objective)
+
+
+# -- closed forms -------------------------------------------------------------------------------
+
+LINEAR = (nn.Linear, nn.Identity, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+          nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Flatten, nn.Unflatten, nn.AvgPool1d, nn.AvgPool2d,
+          nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+
+
+@register(Moreau, "state", *LINEAR)
+def linear_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
+    """``phi_t`` affine in ``x``: ``grad env(gamma lam^T phi)(x) = gamma A^T lam``, so
+    ``lambda_{t-1} = beta gamma vjp_x(lam)`` exactly."""
+    gamma, beta = rule.schedule.dual(site.t - 1, site.horizon)
+    dx, _ = site.vjp(signal.dual(site.x.detach()))
+    return StateUpdate(Dual((beta * gamma) * dx), SolveInfo("closed form: linear"))
+
+
+@register(Moreau, "weight", *LINEAR)
+def linear_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
+    """``phi_t`` linear in ``w`` (Linear, Conv): ``w^+ = prox_{alpha r}(w - alpha vjp_w(lam))`` and
+    ``d_t = (w - w^+)/alpha``; without ``r`` this is the vjp itself."""
+    alpha = rule.schedule.step(site.t, site.horizon)
+    _, dw = site.vjp(signal.dual(site.x.detach()))
+    reg = site.regularizer
+    if reg is None:
+        return WeightUpdate(dw, alpha, SolveInfo("closed form: linear"))
+    d = {}
+    for n, g in dw.items():
+        w = site.w[n].detach()
+        d[n] = (w - reg.prox(w - alpha * g, alpha)) / alpha
+    return WeightUpdate(d, alpha, SolveInfo("closed form: linear"))
+
+
+def _activation(module: nn.Module) -> Any:
+    if isinstance(module, nn.ReLU):
+        return envelope.RELU
+    if isinstance(module, nn.LeakyReLU):
+        return envelope.leaky_relu(module.negative_slope)
+    if isinstance(module, nn.Hardtanh):  # includes ReLU6
+        return envelope.hardtanh(module.min_val, module.max_val)
+    if isinstance(module, nn.Hardsigmoid):
+        return envelope.HARDSIGMOID
+    if isinstance(module, nn.Sigmoid):
+        return envelope.SIGMOID
+    if isinstance(module, nn.Tanh):
+        return envelope.TANH
+    if isinstance(module, nn.SiLU):
+        return envelope.SILU
+    if isinstance(module, nn.Softplus):
+        return envelope.softplus(module.beta, module.threshold)
+    raise NotImplementedError(type(module).__name__)  # pragma: no cover - registry guards it
+
+
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Softplus)
+
+
+@register(Moreau, "state", *ACTIVATIONS)
+def activation_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
+    """Elementwise ``sigma``: ``u = argmin_u gamma lam sigma(u) + (u - x)^2/2`` per entry and
+    ``lambda_{t-1} = beta (x - u)``."""
+    gamma, beta = rule.schedule.dual(site.t - 1, site.horizon)
+    x = site.x_prev.detach()
+    u, info = _activation(site.stage.module).prox(x, gamma * signal.dual(site.x.detach()))
+    return StateUpdate(Dual(beta * (x - u)), info)
+
+
+@register(Moreau, "objective", SquaredLoss)
+def squared_objective(rule: Moreau, h: SquaredLoss, z: Tensor, target: Tensor,
+                      gamma: float) -> tuple[Tensor, SolveInfo]:
+    y = target
+    if not y.is_floating_point():
+        y = torch.nn.functional.one_hot(y.long(), z.shape[1]).to(z.dtype)
+    return envelope.squared_loss_env(z, y, gamma), SolveInfo("closed form: squared loss")
+
+
+@register(Moreau, "objective", CrossEntropy)
+def cross_entropy_objective(rule: Moreau, h: CrossEntropy, z: Tensor, target: Tensor,
+                            gamma: float) -> tuple[Tensor, SolveInfo]:
+    return envelope.cross_entropy_env(z, target, gamma)
+
+
+def moreau(gamma: float = 0.5, alpha: float = 2.0, schedule: Schedule | None = None,
+           solver: Any = None, solvers: dict[int, Any] | None = None, closed_forms: bool = True,
+           warm_start: bool = False, strict: bool = False) -> Any:
+    """The Moreau oracle on every line (000 Algo 1-2, 6): MorGD is ``Oracle.step``; MorSGD is this
+    rule's directions in ``torch.optim.SGD``; Adam takes the same directions (001 Sec. 3).
+
+    Args:
+        gamma, alpha: the steps of the default :class:`Paper` schedule (000 eq. 52).
+        schedule: another schedule (:class:`Geometric`, :class:`Lagrangian`, :class:`PerStage`);
+            overrides ``gamma`` and ``alpha``.
+        solver: generic inner solver (default ``QuasiNewton(max_iter=2)``, 000 App. E.2.1).
+        solvers: per-stage solver overrides ``{t: solver}``, ``t`` in ``1..tau``.
+        closed_forms, warm_start, strict: see :class:`Moreau`.
+    """
+    from . import Rule
+
+    sched = schedule if schedule is not None else Paper(gamma, alpha)
+    rule = Moreau(sched, solver if solver is not None else QuasiNewton(), dict(solvers or {}),
+                  closed_forms, warm_start, strict)
+    return Rule(objective=rule, state=rule, weight=rule)
+
+
+__all__ = ["GradientDescent", "LBFGS", "QuasiNewton"]
