@@ -200,9 +200,11 @@ def cross_entropy_env(z: Tensor, labels: Tensor, gamma: float, tol: float | None
         dg, dp = dinv * g, dinv * p
         step = dg + c * dp * (p * dg).sum(1, keepdim=True) / (1 - c * (p * dp).sum(1, keepdim=True))
         f0, slope = value(u), -(g * step).sum(1)
+        # Differences below the rounding of f0 carry no sign: accept them (else Newton stalls).
+        slack = 16 * torch.finfo(z.dtype).eps * f0.abs()
         t = torch.ones_like(f0)
         for _ in range(30):
-            bad = value(u - t[:, None] * step) > f0 + 1e-4 * t * slope
+            bad = value(u - t[:, None] * step) > f0 + 1e-4 * t * slope + slack
             if not bool(bad.any()):
                 break
             t = torch.where(bad, t / 2, t)

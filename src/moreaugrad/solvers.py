@@ -29,9 +29,18 @@ NOT_CONVEX = "subproblem not strongly convex: negative curvature along a step"
 CURVATURE_NOISE = 1e-6
 
 
-def negative_curvature(s: Sequence[Tensor], y: Sequence[Tensor], groups: int) -> Tensor:
-    """Per group, whether ``<s, y> < -CURVATURE_NOISE |s| |y|``: a witness of non-convexity."""
-    return gdot(s, y, groups) < -CURVATURE_NOISE * (gdot(s, s, groups) * gdot(y, y, groups)).sqrt()
+def negative_curvature(s: Sequence[Tensor], y: Sequence[Tensor], z: Sequence[Tensor], groups: int) -> Tensor:
+    """Per group, whether ``<s, y> < -CURVATURE_NOISE |s| |y|`` along a step ``s`` from ``z`` that is
+    not at rounding level (``|s| > sqrt(eps) (1 + |z|)``): a witness of non-convexity."""
+    ss, yy = gdot(s, s, groups), gdot(y, y, groups)
+    eps = torch.finfo(ss.dtype).eps
+    resolved = ss > eps * (1 + gdot(z, z, groups).sqrt()) ** 2
+    return resolved & (gdot(s, y, groups) < -CURVATURE_NOISE * (ss * yy).sqrt())
+
+
+def _slack(f: Tensor) -> Tensor:
+    """Decreases below the rounding of ``f`` carry no sign; line searches accept them."""
+    return 16 * torch.finfo(f.dtype).eps * (1 + f.abs())
 NON_FINITE = "non-finite iterate"
 CAP = "iteration cap reached before the tolerance"
 
@@ -146,7 +155,7 @@ def goldstein(fun: Objective, z: list[Tensor], f: Tensor, g: list[Tensor], c: fl
         zn = axpy(z, -s, g, G)
         with torch.no_grad():
             fn = fun(zn)
-        upper = fn <= f - c * s * gg          # sufficient decrease
+        upper = fn <= f - c * s * gg + _slack(f)  # sufficient decrease
         lower = fn >= f - (1 - c) * s * gg    # not too long a step
         best = torch.where(upper & ~done, s, best)
         ok = upper & lower
@@ -185,7 +194,7 @@ class QuasiNewton:
             else:
                 dz = [a - b for a, b in zip(z, z_old, strict=True)]
                 dg = [a - b for a, b in zip(g, g_old, strict=True)]
-                if bool(negative_curvature(dz, dg, G).any()):
+                if bool(negative_curvature(dz, dg, z, G).any()):
                     st.message = NOT_CONVEX
                     break
                 # BB1 step; groups without usable curvature (not moved, or at rounding level) take
@@ -244,7 +253,7 @@ class LBFGS:
             with torch.no_grad():
                 for _ in range(30):
                     fn = fun(axpy(z, step, d, G))
-                    bad = ~(fn <= f + 1e-4 * step * slope) & (slope < 0)
+                    bad = ~(fn <= f + 1e-4 * step * slope + _slack(f)) & (slope < 0)
                     if not bool(bad.any()):
                         break
                     step = torch.where(bad, step / 2, step)
@@ -255,7 +264,7 @@ class LBFGS:
             z, f, g = z_new, f_new, g_new
             res = st.residual(g, G)
             st.iterations += 1
-            if bool(negative_curvature(s_k, y_k, G).any()):
+            if bool(negative_curvature(s_k, y_k, z, G).any()):
                 st.message = NOT_CONVEX
                 break
             # Groups without positive curvature (not moved, or at rounding level) get rho = 0 and

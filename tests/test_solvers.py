@@ -1,0 +1,94 @@
+"""The generic inner solvers on problems with known minimisers."""
+
+import pytest
+import torch
+
+from moreaugrad.solvers import LBFGS, GradientDescent, QuasiNewton, goldstein
+
+SOLVERS = [GradientDescent(step=0.03, tol=1e-11, max_iter=30000), QuasiNewton(tol=1e-11, max_iter=300),
+           LBFGS(tol=1e-11, max_iter=200)]
+
+
+def per_sample_quadratic(B=6, d=4, seed=0):
+    """F_i(y) = y^T A_i y / 2 - b_i^T y: per-sample curvatures differing by a factor ~50."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(B, d, d, generator=g, dtype=torch.float64)
+    scale = torch.logspace(-1, 0.7, B, dtype=torch.float64)[:, None, None]
+    A = scale * (M @ M.transpose(1, 2) + torch.eye(d, dtype=torch.float64))
+    b = torch.randn(B, d, generator=g, dtype=torch.float64)
+
+    def fun(z):
+        (y,) = z
+        return 0.5 * torch.einsum("bi,bij,bj->b", y, A, y) - (b * y).sum(1)
+
+    return fun, torch.linalg.solve(A, b), b
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_solvers_reach_the_minimiser_per_sample(solver):
+    fun, y_star, b = per_sample_quadratic()
+    (y,), info = solver.solve(fun, [torch.zeros_like(b)])
+    assert info.converged and info.message == "", info
+    assert info.residual <= 1e-11
+    torch.testing.assert_close(y, y_star, rtol=1e-9, atol=1e-10)
+
+
+def test_one_unit_gradient_step_from_zero_is_minus_the_gradient():
+    # F(y) = <c, y> + ||y||^2/2: one step of size 1 from 0 gives -c, the exact minimiser.
+    c = torch.randn(3, 5, dtype=torch.float64)
+    (y,), info = GradientDescent(step=1.0, max_iter=1).solve(
+        lambda z: (c * z[0]).sum(1) + 0.5 * z[0].pow(2).sum(1), [torch.zeros_like(c)])
+    torch.testing.assert_close(y, -c, rtol=0, atol=0)
+    assert info.iterations == 1
+
+
+def test_goldstein_step_satisfies_both_conditions_per_group():
+    fun, _, b = per_sample_quadratic()
+    z = [torch.zeros_like(b)]
+    f = fun(z)
+    g = [-b]  # gradient at 0
+    s = goldstein(fun, z, f, g)
+    gg = (b * b).sum(1)
+    fn = fun([s[:, None] * b])
+    assert (fn <= f - 0.25 * s * gg + 1e-14).all()
+    assert (fn >= f - 0.75 * s * gg - 1e-14).all()
+    assert s.unique().numel() > 1  # steps are per sample
+
+
+@pytest.mark.parametrize("solver", [QuasiNewton(max_iter=50), LBFGS(max_iter=50)], ids=str)
+def test_non_convex_subproblem_is_reported(solver):
+    # F(y) = -y^2 + y^4/4 - 0.3 y: negative curvature around 0.
+    def fun(z):
+        (y,) = z
+        return (-(y ** 2) + y ** 4 / 4 - 0.3 * y).sum(1)
+
+    _, info = solver.solve(fun, [torch.full((1, 1), 0.05, dtype=torch.float64)])
+    assert not info.converged
+    assert "not strongly convex" in info.message
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_non_finite_iterate_is_reported(solver):
+    def fun(z):
+        (y,) = z
+        return (torch.log(1 - y) + y ** 2).sum(1)  # nan for y > 1; start beyond the domain
+
+    _, info = solver.solve(fun, [torch.full((2, 1), 2.0, dtype=torch.float64)])
+    assert not info.converged and info.message == "non-finite iterate"
+
+
+def test_iteration_cap_is_reported():
+    fun, _, b = per_sample_quadratic()
+    _, info = QuasiNewton(max_iter=2).solve(fun, [torch.zeros_like(b)])
+    assert info.iterations == 2 and not info.converged and "iteration cap" in info.message
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: GradientDescent(step=0.0), "step must be > 0"),
+    (lambda: QuasiNewton(max_iter=0), "max_iter must be an int >= 1, got 0"),
+    (lambda: LBFGS(tol=-1.0), "tol must be a number >= 0, got -1.0"),
+    (lambda: LBFGS(memory=0), "memory must be an int >= 1, got 0"),
+])
+def test_bad_solver_settings(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
