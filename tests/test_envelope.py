@@ -40,7 +40,7 @@ def test_activation_prox_is_the_global_minimiser(module):
 
     # First-order optimality where sigma is differentiable at u: c sigma'(u) + u - x = 0.
     smooth = torch.ones_like(u, dtype=torch.bool)
-    if isinstance(prox, envelope.PiecewiseLinear):
+    if isinstance(prox, envelope.PiecewiseLinear | envelope.ReLUProx):
         # The slope table, not autograd: torch's hardsigmoid backward rounds 1/6 to float32.
         knots = torch.tensor(prox.knots, dtype=torch.float64)
         d1 = torch.tensor(prox.slopes, dtype=torch.float64)[torch.bucketize(u, knots)]
@@ -49,6 +49,13 @@ def test_activation_prox_is_the_global_minimiser(module):
         uu = u.clone().requires_grad_(True)
         (d1,) = torch.autograd.grad(module(uu).sum(), uu)
     assert (c * d1 + u - x)[smooth].abs().max() < 1e-10
+
+
+def test_relu_fast_path_equals_the_piecewise_linear_form():
+    torch.manual_seed(6)
+    x, c = torch.randn(1000, dtype=torch.float64) * 2, torch.randn(1000, dtype=torch.float64)
+    generic = envelope.PiecewiseLinear(torch.relu, [0.0], [0.0, 1.0])
+    torch.testing.assert_close(envelope.RELU.prox(x, c)[0], generic.prox(x, c)[0], rtol=0, atol=1e-15)
 
 
 def test_relu_prox_closed_form_by_cases():

@@ -147,7 +147,22 @@ def softplus(beta: float, threshold: float) -> Smooth:
     return Smooth(lambda u: F.softplus(u, beta, threshold), d1, d2, 0.0, beta / 4, 1.0)
 
 
-RELU = PiecewiseLinear(torch.relu, [0.0], [0.0, 1.0])
+@dataclass(frozen=True)
+class ReLUProx:
+    """``sigma = max(., 0)`` in four elementwise passes (the hot path of MLPs):
+    ``x - u = min(max(x, 0), c)`` for ``c >= 0`` (soft threshold), and for ``c < 0`` the better of
+    the two local minima, ``x - u = c`` if ``x > c/2`` else ``0``. Same result as the generic
+    :class:`PiecewiseLinear` with knots ``[0]`` and slopes ``[0, 1]``."""
+
+    knots: tuple[float, ...] = (0.0,)
+    slopes: tuple[float, ...] = (0.0, 1.0)
+
+    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+        env = torch.where(c >= 0, torch.minimum(x.clamp_min(0), c), torch.where(x > c / 2, c, 0.0))
+        return x - env, SolveInfo("closed form: piecewise linear")
+
+
+RELU = ReLUProx()
 
 
 def leaky_relu(negative_slope: float) -> PiecewiseLinear:

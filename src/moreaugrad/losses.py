@@ -24,6 +24,12 @@ def _check_batch(name: str, output: Tensor, target: Tensor) -> None:
                          f"shape {tuple(target.shape)} and output shape {tuple(output.shape)}")
 
 
+def _check_labels(name: str, target: Tensor, classes: int) -> None:
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
+        raise ValueError(f"{name}: class indices must lie in [0, {classes}), got "
+                         f"range [{int(target.min())}, {int(target.max())}]")
+
+
 @dataclass(frozen=True)
 class SquaredLoss:
     """``h(z) = (1/B) sum_i ||z_i - y_i||^2 / 2``: half the squared error, summed over features and
@@ -40,6 +46,7 @@ class SquaredLoss:
                 raise ValueError(f"SquaredLoss: integer targets must be class indices of shape (B,) "
                                  f"for an output of shape (B, C), got target {tuple(target.shape)} "
                                  f"and output {tuple(output.shape)}")
+            _check_labels("SquaredLoss", target, output.shape[1])
             target = F.one_hot(target.long(), output.shape[1]).to(output.dtype)
         elif target.shape != output.shape:
             raise ValueError(f"SquaredLoss: target shape {tuple(target.shape)} does not match output "
@@ -63,9 +70,7 @@ class CrossEntropy:
         if target.dim() != 1 or target.is_floating_point() or target.dtype == torch.bool:
             raise ValueError(f"CrossEntropy: target must hold integer class indices of shape (B,), "
                              f"got shape {tuple(target.shape)} and dtype {target.dtype}")
-        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= output.shape[1]):
-            raise ValueError(f"CrossEntropy: class indices must lie in [0, {output.shape[1]}), got "
-                             f"range [{int(target.min())}, {int(target.max())}]")
+        _check_labels("CrossEntropy", target, output.shape[1])
         return F.cross_entropy(output, target.long())
 
 

@@ -105,6 +105,11 @@ class Oracle:
             raise NonFiniteError(f"Oracle: the loss is not finite ({loss.item()})")
         directions = [None if u is None else u.direction for u in out.directions]
         _check_finite(directions)
+        if x.requires_grad:
+            lam0 = out.signals[0].dual(x.detach())
+            if not torch.isfinite(lam0).all():
+                raise NonFiniteError(f"Oracle: the input signal is not finite "
+                                     f"({int((~torch.isfinite(lam0)).sum())} of {lam0.numel()} entries)")
         return OracleResult(
             loss=loss.detach(),
             output=tape.output.detach(),
@@ -128,7 +133,8 @@ class Oracle:
         if result.input_signal is not None:
             x = self.chain.input(x)
             lam = result.input_signal.dual(x.detach())
-            x.grad = lam.clone() if x.grad is None else x.grad + lam
+            # Accumulates into x.grad for a leaf and flows on to the leaves of a non-leaf x.
+            torch.autograd.backward(x, lam)
         return result
 
     def step(self, x: Tensor | None = None, y: Any = None) -> OracleResult:

@@ -38,11 +38,18 @@ def negative_curvature(s: Sequence[Tensor], y: Sequence[Tensor], z: Sequence[Ten
     return resolved & (gdot(s, y, groups) < -CURVATURE_NOISE * (ss * yy).sqrt())
 
 
+def _inverse_curvature(curv: Tensor) -> Tensor:
+    """``1 / curv`` where the curvature is positive, else 0 (the pair drops out of L-BFGS)."""
+    usable = curv > 0
+    return torch.where(usable, 1.0 / curv.where(usable, torch.ones_like(curv)), 0.0)
+
+
 def _slack(f: Tensor) -> Tensor:
     """Decreases below the rounding of ``f`` carry no sign; line searches accept them."""
     return 16 * torch.finfo(f.dtype).eps * (1 + f.abs())
 NON_FINITE = "non-finite iterate"
 CAP = "iteration cap reached before the tolerance"
+FAILURES = (NON_FINITE, NOT_CONVEX)
 
 
 def _check(owner: str, tol: float, max_iter: int) -> None:
@@ -53,8 +60,20 @@ def _check(owner: str, tol: float, max_iter: int) -> None:
 
 
 def gdot(a: Sequence[Tensor], b: Sequence[Tensor], groups: int) -> Tensor:
-    """Per-group inner product ``<a_g, b_g>``, shape ``(G,)``."""
-    return sum((x * y).reshape(groups, -1).sum(1) for x, y in zip(a, b, strict=True))
+    """Per-group inner product ``<a_g, b_g>``, shape ``(G,)``.
+
+    Reduces without an elementwise temporary where it matters (a dot or a batched matmul): on a
+    2-core CPU ``(x * y).sum()`` over a 256x784 weight costs 15x a ``torch.dot``.
+    """
+    return sum(_dot(x, y, groups) for x, y in zip(a, b, strict=True))
+
+
+def _dot(x: Tensor, y: Tensor, groups: int) -> Tensor:
+    if groups == 1:
+        return torch.dot(x.reshape(-1), y.reshape(-1)).reshape(1)
+    if x.numel() > 1 << 16:
+        return (x.reshape(groups, 1, -1) @ y.reshape(groups, -1, 1)).reshape(groups)
+    return (x * y).reshape(groups, -1).sum(1)
 
 
 def gscale(s: Tensor, z: Tensor, groups: int) -> Tensor:
@@ -80,28 +99,63 @@ def _groups_of(f: Tensor) -> int:
     return f.numel()
 
 
-@dataclass
-class _State:
-    """Bookkeeping shared by the solvers: residuals, the stop reason and the iteration count."""
+Start = tuple[Tensor, list[Tensor]]  # (F(z0), grad F(z0)) when the caller already has them
+History = list[tuple[list[Tensor], list[Tensor]]]  # (s_k, y_k) = (z_{k+1} - z_k, g_{k+1} - g_k)
 
-    tol: float
-    iterations: int = 0
-    message: str = ""
 
-    def residual(self, g: Sequence[Tensor], groups: int) -> Tensor:
-        return gdot(g, g, groups).sqrt()
+def _check_tol(owner: str, tol: float | None, max_iter: int) -> None:
+    if tol is not None:
+        _check(owner, tol, max_iter)
+    else:
+        _check(owner, 0.0, max_iter)
 
-    def finite(self, f: Tensor, g: Sequence[Tensor]) -> bool:
-        ok = bool(torch.isfinite(f).all()) and all(bool(torch.isfinite(x).all()) for x in g)
-        if not ok:
-            self.message = NON_FINITE
-        return ok
 
-    def info(self, method: str, res: Tensor) -> SolveInfo:
-        r = float(res.max()) if res.numel() else 0.0
-        converged = not self.message and r <= self.tol
-        message = self.message or ("" if converged else CAP)
-        return SolveInfo(method, self.iterations, r, converged, message)
+def run(method: str, step: Callable[..., list[Tensor]], fun: Objective, z0: Sequence[Tensor],
+        tol: float | None, max_iter: int, start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
+    """The loop every solver shares: ``z_{k+1} = step(fun, z_k, F_k, g_k, history)``.
+
+    It stops at ``max_g ||g_g|| <= tol``, at ``max_iter`` steps, at a non-finite value or gradient,
+    or at a negative-curvature witness along a step (the subproblem is not strongly convex).
+
+    With ``tol=None`` it runs exactly ``max_iter`` steps (000 App. E.2.1 runs two) and skips the
+    gradient at the last iterate: the reported residual is then the one before the last step and
+    ``converged`` is None (not checked).
+    """
+    z = list(z0)
+    f, g = start if start is not None else value_and_grad(fun, z)
+    G = _groups_of(f)
+    res = gdot(g, g, G).sqrt()
+    hist: History = []
+    it, message = 0, ""
+    while it < max_iter and (tol is None or float(res.max()) > tol):
+        if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(res).all())):
+            message = NON_FINITE
+            break
+        z_new = step(fun, z, f, g, hist)
+        it += 1
+        if tol is None and it == max_iter:
+            z = z_new
+            break
+        f_new, g_new = value_and_grad(fun, z_new)
+        s_k = [a - b for a, b in zip(z_new, z, strict=True)]
+        y_k = [a - b for a, b in zip(g_new, g, strict=True)]
+        z, f, g = z_new, f_new, g_new
+        res = gdot(g, g, G).sqrt()
+        if bool(negative_curvature(s_k, y_k, z, G).any()):
+            message = NOT_CONVEX
+            break
+        hist.append((s_k, y_k))
+    if not message and not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(res).all())):
+        message = NON_FINITE
+    if not message and not all(bool(torch.isfinite(x).all()) for x in z):
+        message = NON_FINITE
+    r = float(res.max()) if res.numel() else 0.0
+    if message:
+        return z, SolveInfo(method, it, r, False, message)
+    if tol is None:
+        return z, SolveInfo(method, it, r, None, f"fixed {max_iter} steps; residual before the last step")
+    converged = r <= tol
+    return z, SolveInfo(method, it, r, converged, "" if converged else CAP)
 
 
 @dataclass(frozen=True)
@@ -113,27 +167,20 @@ class GradientDescent:
     """
 
     step: float = 1.0
-    tol: float = 1e-10
+    tol: float | None = 1e-10
     max_iter: int = 100
 
     def __post_init__(self) -> None:
-        _check("GradientDescent", self.tol, self.max_iter)
+        _check_tol("GradientDescent", self.tol, self.max_iter)
         if not self.step > 0:
             raise ValueError(f"GradientDescent: step must be > 0, got {self.step!r}")
 
-    def solve(self, fun: Objective, z0: Sequence[Tensor]) -> tuple[list[Tensor], SolveInfo]:
-        st = _State(self.tol)
-        z = list(z0)
-        f, g = value_and_grad(fun, z)
-        G = _groups_of(f)
-        res = st.residual(g, G)
-        step = torch.full_like(f, self.step)
-        while st.finite(f, g) and float(res.max()) > self.tol and st.iterations < self.max_iter:
-            z = axpy(z, -step, g, G)
-            f, g = value_and_grad(fun, z)
-            res = st.residual(g, G)
-            st.iterations += 1
-        return z, st.info("gradient descent", res)
+    def solve(self, fun: Objective, z0: Sequence[Tensor],
+              start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
+        def step(fun, z, f, g, hist):
+            return [x - self.step * y for x, y in zip(z, g, strict=True)]
+
+        return run("gradient descent", step, fun, z0, self.tol, self.max_iter, start)
 
 
 def goldstein(fun: Objective, z: list[Tensor], f: Tensor, g: list[Tensor], c: float = 0.25,
@@ -172,108 +219,82 @@ def goldstein(fun: Objective, z: list[Tensor], f: Tensor, g: list[Tensor], c: fl
 @dataclass(frozen=True)
 class QuasiNewton:
     """The paper's quasi-Newton: one gradient step with a Goldstein line search, then
-    Barzilai-Borwein steps ``s_k = <dz, dz> / <dz, dg>`` per group (000 App. E.2.1 uses 2 steps).
+    Barzilai-Borwein steps ``s_k = <dz, dz> / <dz, dg>`` per group (000 App. E.2.1).
+
+    The paper runs exactly two steps: ``QuasiNewton(max_iter=2, tol=None)``.
     """
 
-    tol: float = 1e-10
+    tol: float | None = 1e-10
     max_iter: int = 2
 
     def __post_init__(self) -> None:
-        _check("QuasiNewton", self.tol, self.max_iter)
+        _check_tol("QuasiNewton", self.tol, self.max_iter)
 
-    def solve(self, fun: Objective, z0: Sequence[Tensor]) -> tuple[list[Tensor], SolveInfo]:
-        st = _State(self.tol)
-        z = list(z0)
-        f, g = value_and_grad(fun, z)
-        G = _groups_of(f)
-        res = st.residual(g, G)
-        z_old, g_old = z, g
-        while st.finite(f, g) and float(res.max()) > self.tol and st.iterations < self.max_iter:
-            if st.iterations == 0:
-                step = goldstein(fun, z, f, g)
+    def solve(self, fun: Objective, z0: Sequence[Tensor],
+              start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
+        def step(fun, z, f, g, hist):
+            G = _groups_of(f)
+            if not hist:
+                s = goldstein(fun, z, f, g)
             else:
-                dz = [a - b for a, b in zip(z, z_old, strict=True)]
-                dg = [a - b for a, b in zip(g, g_old, strict=True)]
-                if bool(negative_curvature(dz, dg, z, G).any()):
-                    st.message = NOT_CONVEX
-                    break
-                # BB1 step; groups without usable curvature (not moved, or at rounding level) take
-                # a unit step, exact on the proximal term.
+                # BB1 per group; groups without usable curvature (not moved, or at rounding level)
+                # take a unit step, exact on the proximal term.
+                dz, dg = hist[-1]
                 curv, dd = gdot(dz, dg, G), gdot(dz, dz, G)
                 usable = (curv > 0) & (dd > 0)
-                step = torch.where(usable, dd / curv.where(usable, torch.ones_like(curv)), 1.0)
-            z_old, g_old = z, g
-            z = axpy(z, -step, g, G)
-            f, g = value_and_grad(fun, z)
-            res = st.residual(g, G)
-            st.iterations += 1
-        return z, st.info("quasi-Newton (Goldstein + Barzilai-Borwein)", res)
+                s = torch.where(usable, dd / curv.where(usable, torch.ones_like(curv)), 1.0)
+            return axpy(z, -s, g, G)
+
+        return run("quasi-Newton (Goldstein + Barzilai-Borwein)", step, fun, z0, self.tol, self.max_iter,
+                   start)
 
 
 @dataclass(frozen=True)
 class LBFGS:
     """Limited-memory BFGS with per-group two-loop recursion and per-group Armijo backtracking."""
 
-    tol: float = 1e-10
+    tol: float | None = 1e-10
     max_iter: int = 100
     memory: int = 10
 
     def __post_init__(self) -> None:
-        _check("LBFGS", self.tol, self.max_iter)
+        _check_tol("LBFGS", self.tol, self.max_iter)
         if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
             raise ValueError(f"LBFGS: memory must be an int >= 1, got {self.memory!r}")
 
-    def solve(self, fun: Objective, z0: Sequence[Tensor]) -> tuple[list[Tensor], SolveInfo]:
-        st = _State(self.tol)
-        z = list(z0)
-        f, g = value_and_grad(fun, z)
-        G = _groups_of(f)
-        res = st.residual(g, G)
-        hist: list[tuple[list[Tensor], list[Tensor], Tensor]] = []
-        while st.finite(f, g) and float(res.max()) > self.tol and st.iterations < self.max_iter:
-            # Two-loop recursion: d = -H g, with H0 = (s'y / y'y) I per group (identity at first).
-            q = list(g)
-            alphas = []
-            for s_k, y_k, rho in reversed(hist):
+    def solve(self, fun: Objective, z0: Sequence[Tensor],
+              start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
+        def step(fun, z, f, g, hist):
+            G = _groups_of(f)
+            # Two-loop recursion d = -H g; pairs without positive curvature (groups that did not
+            # move, or moved at rounding level) get rho = 0 and drop out.
+            pairs = []
+            for s_k, y_k in hist[-self.memory:]:
+                pairs.append((s_k, y_k, _inverse_curvature(gdot(s_k, y_k, G))))
+            q, alphas = list(g), []
+            for s_k, y_k, rho in reversed(pairs):
                 a = rho * gdot(s_k, q, G)
                 alphas.append(a)
                 q = axpy(q, -a, y_k, G)
-            if hist:
-                s_k, y_k, _ = hist[-1]
+            if pairs:
+                s_k, y_k, _ = pairs[-1]
                 yy, sy = gdot(y_k, y_k, G), gdot(s_k, y_k, G)
                 h0 = torch.where((yy > 0) & (sy > 0), sy / yy.where(yy > 0, torch.ones_like(yy)), 1.0)
                 q = [gscale(h0, x, G) * x for x in q]
-            for (s_k, y_k, rho), a in zip(hist, reversed(alphas), strict=True):
-                b = rho * gdot(y_k, q, G)
-                q = axpy(q, a - b, s_k, G)
+            for (s_k, y_k, rho), a in zip(pairs, reversed(alphas), strict=True):
+                q = axpy(q, a - rho * gdot(y_k, q, G), s_k, G)
             d = [-x for x in q]
             slope = gdot(g, d, G)
-            # Armijo backtracking per group from the unit step.
-            step = torch.ones_like(f)
+            t = torch.ones_like(f)
             with torch.no_grad():
                 for _ in range(30):
-                    fn = fun(axpy(z, step, d, G))
-                    bad = ~(fn <= f + 1e-4 * step * slope + _slack(f)) & (slope < 0)
+                    bad = ~(fun(axpy(z, t, d, G)) <= f + 1e-4 * t * slope + _slack(f)) & (slope < 0)
                     if not bool(bad.any()):
                         break
-                    step = torch.where(bad, step / 2, step)
-            z_new = axpy(z, step, d, G)
-            f_new, g_new = value_and_grad(fun, z_new)
-            s_k = [a - b for a, b in zip(z_new, z, strict=True)]
-            y_k = [a - b for a, b in zip(g_new, g, strict=True)]
-            z, f, g = z_new, f_new, g_new
-            res = st.residual(g, G)
-            st.iterations += 1
-            if bool(negative_curvature(s_k, y_k, z, G).any()):
-                st.message = NOT_CONVEX
-                break
-            # Groups without positive curvature (not moved, or at rounding level) get rho = 0 and
-            # an inert history entry.
-            curv = gdot(s_k, y_k, G)
-            usable = curv > 0
-            rho = torch.where(usable, 1.0 / curv.where(usable, torch.ones_like(curv)), 0.0)
-            hist = [*hist, (s_k, y_k, rho)][-self.memory:]
-        return z, st.info("L-BFGS", res)
+                    t = torch.where(bad, t / 2, t)
+            return axpy(z, t, d, G)
+
+        return run("L-BFGS", step, fun, z0, self.tol, self.max_iter, start)
 
 
 Solver = GradientDescent | QuasiNewton | LBFGS

@@ -68,14 +68,15 @@ class SolveInfo:
     """What an inner solve did: iterations, final residual and whether it met its tolerance.
 
     ``residual`` is the norm of the subproblem's gradient at the returned point (the largest over
-    the batch for problems that separate over samples). ``message`` says why a solve stopped when it
-    did not converge (iteration cap, non-finite iterate, subproblem not strongly convex).
+    the batch for problems that separate over samples). ``converged`` is None when a solver ran a
+    fixed number of steps without checking. ``message`` says why a solve stopped when it did not
+    converge (iteration cap, non-finite iterate, subproblem not strongly convex).
     """
 
     method: str
     iterations: int = 0
     residual: float = 0.0
-    converged: bool = True
+    converged: bool | None = True
     message: str = ""
 
 

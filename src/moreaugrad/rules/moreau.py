@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import envelope
 from ..losses import CrossEntropy, SquaredLoss
-from ..solvers import LBFGS, GradientDescent, QuasiNewton, gdot
+from ..solvers import CAP, QuasiNewton, gdot
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
 from .grad import check_positive, objective_value
 from .registry import LineRule, lookup, register
@@ -166,7 +166,7 @@ class Moreau(LineRule):
     """
 
     schedule: Schedule = field(default_factory=Paper)
-    solver: Any = field(default_factory=QuasiNewton)
+    solver: Any = field(default_factory=lambda: QuasiNewton(tol=None, max_iter=2))
     solvers: dict[int, Any] = field(default_factory=dict)
     closed_forms: bool = True
     warm_start: bool = False
@@ -191,7 +191,7 @@ class Moreau(LineRule):
         gamma, beta = self.schedule.dual(horizon, horizon)
         entry = lookup(self, "objective", h) if self.closed_forms else GENERIC["objective"]
         env, info = entry(self, h, output.detach(), target, gamma)
-        if info is not None and self.strict and info.message and "iteration cap" not in info.message:
+        if self.strict and _failed(info):
             raise SolverError(f"moreau: the objective subproblem failed: {info.message}")
         return loss.detach(), Dual(beta * env), info
 
@@ -211,17 +211,23 @@ class Moreau(LineRule):
         return update
 
     def _check(self, site: Any, line: str, info: SolveInfo | None) -> None:
-        if self.strict and info is not None and info.message and "iteration cap" not in info.message:
+        if self.strict and _failed(info):
             raise SolverError(f"moreau: the {line} subproblem of stage {site.t} "
                               f"({site.stage.type_name}) failed: {info.message} "
                               f"(after {info.iterations} iterations, residual {info.residual:.3g})")
 
 
+def _failed(info: SolveInfo | None) -> bool:
+    """A non-finite iterate or a subproblem that is not strongly convex (not a mere iteration cap)."""
+    return info is not None and info.converged is False and info.message != CAP
+
+
 # -- generic entries: any stage, any objective --------------------------------------------------
 
 
-def _solve(rule: Moreau, t: int, fun: Any, z0: list[Tensor]) -> tuple[list[Tensor], SolveInfo]:
-    return rule.solver_for(t).solve(fun, z0)
+def _solve(rule: Moreau, t: int, fun: Any, z0: list[Tensor],
+           start: Any = None) -> tuple[list[Tensor], SolveInfo]:
+    return rule.solver_for(t).solve(fun, z0, start)
 
 
 def _separable(module: nn.Module) -> bool:
@@ -239,11 +245,15 @@ def generic_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
 
     def fun(z: list[Tensor]) -> Tensor:
         (y,) = z
-        lin = (lam * site.phi(x=x + y)).reshape(B, -1).sum(1)
-        return gamma * lin + 0.5 * y.pow(2).reshape(B, -1).sum(1)
+        return gamma * gdot([lam], [site.phi(x=x + y)], B) + 0.5 * gdot([y], [y], B)
 
-    y0 = -gamma * site.vjp(lam)[0] if rule.warm_start else torch.zeros_like(x)
-    (y,), info = _solve(rule, site.t, fun, [y0])
+    if rule.warm_start:
+        (y,), info = _solve(rule, site.t, fun, [-gamma * site.vjp(lam)[0]])
+    else:
+        # At y = 0 the value and gradient come from the recorded graph: F = gamma <lam, x_t>,
+        # grad F = gamma vjp_x(lam). No re-evaluation of phi_t.
+        f0 = gamma * gdot([lam], [site.x.detach()], B)
+        (y,), info = _solve(rule, site.t, fun, [torch.zeros_like(x)], (f0, [gamma * site.vjp(lam)[0]]))
     return StateUpdate(Dual(-beta * y), info)
 
 
@@ -258,17 +268,23 @@ def generic_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
 
     def fun(z: list[Tensor]) -> Tensor:
         v = [wi + zi for wi, zi in zip(w, z, strict=True)]
-        val = alpha * (lam * site.phi(dict(zip(names, v, strict=True)))).sum()
+        val = alpha * gdot([lam], [site.phi(dict(zip(names, v, strict=True)))], 1)
         if reg is not None:
             val = val + alpha * sum(reg(vi) for vi in v)
-        return (val + 0.5 * gdot(z, z, 1)).reshape(1)
+        return val + 0.5 * gdot(z, z, 1)
 
+    g0 = site.vjp(lam)[1]
+    if reg is not None:
+        g0 = {n: g0[n] + reg.grad(wi) for n, wi in zip(names, w, strict=True)}
     if rule.warm_start:
-        g = site.vjp(lam)[1]
-        z0 = [-alpha * g[n] for n in names]
+        z, info = _solve(rule, site.t, fun, [-alpha * g0[n] for n in names])
     else:
-        z0 = [torch.zeros_like(wi) for wi in w]
-    z, info = _solve(rule, site.t, fun, z0)
+        # At v = w the value and gradient come from the recorded graph (no re-evaluation).
+        f0 = alpha * gdot([lam], [site.x.detach()], 1)
+        if reg is not None:
+            f0 = f0 + alpha * sum(reg(wi) for wi in w)
+        z, info = _solve(rule, site.t, fun, [torch.zeros_like(wi) for wi in w],
+                         (f0, [alpha * g0[n] for n in names]))
     return WeightUpdate({n: -zi / alpha for n, zi in zip(names, z, strict=True)}, alpha, info)
 
 
@@ -379,16 +395,15 @@ def moreau(gamma: float = 0.5, alpha: float = 2.0, schedule: Schedule | None = N
         gamma, alpha: the steps of the default :class:`Paper` schedule (000 eq. 52).
         schedule: another schedule (:class:`Geometric`, :class:`Lagrangian`, :class:`PerStage`);
             overrides ``gamma`` and ``alpha``.
-        solver: generic inner solver (default ``QuasiNewton(max_iter=2)``, 000 App. E.2.1).
+        solver: generic inner solver (default: the paper's two quasi-Newton steps,
+            ``QuasiNewton(tol=None, max_iter=2)``, 000 App. E.2.1).
         solvers: per-stage solver overrides ``{t: solver}``, ``t`` in ``1..tau``.
         closed_forms, warm_start, strict: see :class:`Moreau`.
     """
     from . import Rule
 
     sched = schedule if schedule is not None else Paper(gamma, alpha)
-    rule = Moreau(sched, solver if solver is not None else QuasiNewton(), dict(solvers or {}),
-                  closed_forms, warm_start, strict)
+    solver = solver if solver is not None else QuasiNewton(tol=None, max_iter=2)
+    rule = Moreau(sched, solver, dict(solvers or {}), closed_forms, warm_start, strict)
     return Rule(objective=rule, state=rule, weight=rule)
 
-
-__all__ = ["GradientDescent", "LBFGS", "QuasiNewton"]
