@@ -47,7 +47,7 @@ def test_goldstein_step_satisfies_both_conditions_per_group():
     z = [torch.zeros_like(b)]
     f = fun(z)
     g = [-b]  # gradient at 0
-    s = goldstein(fun, z, f, g)
+    s, _ = goldstein(fun, z, f, g)
     gg = (b * b).sum(1)
     fn = fun([s[:, None] * b])
     assert (fn <= f - 0.25 * s * gg + 1e-14).all()

@@ -99,7 +99,8 @@ def _groups_of(f: Tensor) -> int:
     return f.numel()
 
 
-Start = tuple[Tensor, list[Tensor]]  # (F(z0), grad F(z0)) when the caller already has them
+Evaluated = tuple[Tensor, list[Tensor]]  # (F(z), grad F(z))
+Start = Evaluated  # at z0, when the caller already has them
 History = list[tuple[list[Tensor], list[Tensor]]]  # (s_k, y_k) = (z_{k+1} - z_k, g_{k+1} - g_k)
 
 
@@ -110,9 +111,13 @@ def _check_tol(owner: str, tol: float | None, max_iter: int) -> None:
         _check(owner, 0.0, max_iter)
 
 
-def run(method: str, step: Callable[..., list[Tensor]], fun: Objective, z0: Sequence[Tensor],
+def run(method: str, step: Callable[..., tuple[list[Tensor], Evaluated | None]], fun: Objective,
+        z0: Sequence[Tensor],
         tol: float | None, max_iter: int, start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
-    """The loop every solver shares: ``z_{k+1} = step(fun, z_k, F_k, g_k, history)``.
+    """The loop every solver shares: ``z_{k+1} = step(fun, z_k, F_k, g_k, history, last)``.
+
+    A step returns the new iterate and, if it already evaluated them there, ``(F, grad F)``;
+    ``last`` tells it that no gradient will be taken at its result.
 
     It stops at ``max_g ||g_g|| <= tol``, at ``max_iter`` steps, at a non-finite value or gradient,
     or at a negative-curvature witness along a step (the subproblem is not strongly convex).
@@ -131,12 +136,13 @@ def run(method: str, step: Callable[..., list[Tensor]], fun: Objective, z0: Sequ
         if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(res).all())):
             message = NON_FINITE
             break
-        z_new = step(fun, z, f, g, hist)
+        last = tol is None and it + 1 == max_iter
+        z_new, evaluated = step(fun, z, f, g, hist, last)
         it += 1
-        if tol is None and it == max_iter:
+        if last:
             z = z_new
             break
-        f_new, g_new = value_and_grad(fun, z_new)
+        f_new, g_new = evaluated if evaluated is not None else value_and_grad(fun, z_new)
         s_k = [a - b for a, b in zip(z_new, z, strict=True)]
         y_k = [a - b for a, b in zip(g_new, g, strict=True)]
         z, f, g = z_new, f_new, g_new
@@ -177,20 +183,22 @@ class GradientDescent:
 
     def solve(self, fun: Objective, z0: Sequence[Tensor],
               start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
-        def step(fun, z, f, g, hist):
-            return [x - self.step * y for x, y in zip(z, g, strict=True)]
+        def step(fun, z, f, g, hist, last):
+            return [x - self.step * y for x, y in zip(z, g, strict=True)], None
 
         return run("gradient descent", step, fun, z0, self.tol, self.max_iter, start)
 
 
 def goldstein(fun: Objective, z: list[Tensor], f: Tensor, g: list[Tensor], c: float = 0.25,
-              max_trials: int = 30) -> Tensor:
+              max_trials: int = 30, with_grad: bool = False) -> tuple[Tensor, Evaluated | None]:
     """Per-group Goldstein step along ``-g``: ``F - (1-c) s |g|^2 <= F(z - s g) <= F - c s |g|^2``.
 
     Starts from ``s = 1`` (the unit step is exact on the proximal term), halves the step of groups
     with too little decrease and doubles it for groups with too much, bisecting once bracketed.
     Returns the per-group steps. Groups that never satisfy both sides keep the last step with
-    sufficient decrease (0 if none had any: the point does not move).
+    sufficient decrease (0 if none had any: the point does not move). With ``with_grad``, the first
+    trial also takes the gradient, returned with its value when every group accepts the unit step
+    (the common case), so that the next iterate costs no second evaluation.
     """
     G = _groups_of(f)
     gg = gdot(g, g, G)
@@ -198,10 +206,15 @@ def goldstein(fun: Objective, z: list[Tensor], f: Tensor, g: list[Tensor], c: fl
     lo, hi = torch.zeros_like(f), torch.full_like(f, float("inf"))
     done = gg == 0
     best = torch.zeros_like(f)
-    for _ in range(max_trials):
+    first: Evaluated | None = None
+    for trial in range(max_trials):
         zn = axpy(z, -s, g, G)
-        with torch.no_grad():
-            fn = fun(zn)
+        if trial == 0 and with_grad:
+            first = value_and_grad(fun, zn)
+            fn = first[0]
+        else:
+            with torch.no_grad():
+                fn = fun(zn)
         upper = fn <= f - c * s * gg + _slack(f)  # sufficient decrease
         lower = fn >= f - (1 - c) * s * gg    # not too long a step
         best = torch.where(upper & ~done, s, best)
@@ -213,7 +226,8 @@ def goldstein(fun: Objective, z: list[Tensor], f: Tensor, g: list[Tensor], c: fl
         lo = torch.where(~done & upper, s, lo)
         nxt = torch.where(torch.isinf(hi), 2 * s, (lo + hi) / 2)
         s = torch.where(done, s, nxt)
-    return torch.where(done, s, best)
+    accepted_first = first is not None and bool(done.all()) and bool((s == 1).all())
+    return torch.where(done, s, best), first if accepted_first else None
 
 
 @dataclass(frozen=True)
@@ -232,10 +246,11 @@ class QuasiNewton:
 
     def solve(self, fun: Objective, z0: Sequence[Tensor],
               start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
-        def step(fun, z, f, g, hist):
+        def step(fun, z, f, g, hist, last):
             G = _groups_of(f)
+            evaluated = None
             if not hist:
-                s = goldstein(fun, z, f, g)
+                s, evaluated = goldstein(fun, z, f, g, with_grad=not last)
             else:
                 # BB1 per group; groups without usable curvature (not moved, or at rounding level)
                 # take a unit step, exact on the proximal term.
@@ -243,7 +258,7 @@ class QuasiNewton:
                 curv, dd = gdot(dz, dg, G), gdot(dz, dz, G)
                 usable = (curv > 0) & (dd > 0)
                 s = torch.where(usable, dd / curv.where(usable, torch.ones_like(curv)), 1.0)
-            return axpy(z, -s, g, G)
+            return axpy(z, -s, g, G), evaluated
 
         return run("quasi-Newton (Goldstein + Barzilai-Borwein)", step, fun, z0, self.tol, self.max_iter,
                    start)
@@ -264,7 +279,7 @@ class LBFGS:
 
     def solve(self, fun: Objective, z0: Sequence[Tensor],
               start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
-        def step(fun, z, f, g, hist):
+        def step(fun, z, f, g, hist, last):
             G = _groups_of(f)
             # Two-loop recursion d = -H g; pairs without positive curvature (groups that did not
             # move, or moved at rounding level) get rho = 0 and drop out.
@@ -292,7 +307,7 @@ class LBFGS:
                     if not bool(bad.any()):
                         break
                     t = torch.where(bad, t / 2, t)
-            return axpy(z, t, d, G)
+            return axpy(z, t, d, G), None
 
         return run("L-BFGS", step, fun, z0, self.tol, self.max_iter, start)
 
