@@ -6,7 +6,7 @@
     opt.zero_grad(); oracle.backward(x, y); opt.step()
 """
 
-from . import control, losses, rules
+from . import control, losses, lstsq, rules, solvers
 from .chain import Chain, Stage
 from .oracle import NonFiniteError, Oracle, OracleResult
 from .types import Dual, SolveInfo, Target
@@ -24,5 +24,7 @@ __all__ = [
     "Target",
     "control",
     "losses",
+    "lstsq",
     "rules",
+    "solvers",
 ]

@@ -37,6 +37,7 @@ class Site:
         w: ``w_t`` as recorded (attached to the parameters).
         horizon: ``tau``, the number of stages, for schedules.
         regularizer: ``r_t``, or None.
+        last_weighted: no later stage has weights (ProxProp keeps this stage explicit, 004 eq. 12).
     """
 
     stage: Stage
@@ -45,8 +46,8 @@ class Site:
     w: Weights
     horizon: int
     regularizer: Regularizer | None = None
-    _cache: dict[int, tuple[Tensor, tuple[Tensor | None, Tensor | None]]] = field(
-        default_factory=dict, repr=False)
+    last_weighted: bool = False
+    _cache: tuple[Tensor, Any] | None = field(default=None, repr=False)
 
     @property
     def t(self) -> int:
@@ -67,8 +68,7 @@ class Site:
         One autograd call serves both the state and the weight line when they ask with the same
         ``lam`` (the common case: the signal of this stage), so backprop costs one vjp per stage.
         """
-        key = id(lam)
-        hit = self._cache.get(key)
+        hit = self._cache
         if hit is not None and hit[0] is lam:
             dx, dws = hit[1]
         else:
@@ -78,7 +78,7 @@ class Site:
             grads = torch.autograd.grad(self.x, inputs, lam, retain_graph=True, allow_unused=True)
             dx = grads[0] if self.needs_state else None
             dws = grads[1:] if self.needs_state else grads
-            self._cache[key] = (lam, (dx, dws))
+            self._cache = (lam, (dx, dws))
         if dx is None and self.needs_state:
             dx = torch.zeros_like(self.x_prev)
         return dx, {n: torch.zeros_like(p) if g is None else g
@@ -111,6 +111,10 @@ def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | Non
                              f"{tuple(x_prev.shape)} and dtype {x_prev.dtype}: {err}") from err
         sites.append(Site(stage, x_prev, out, w, tau, regs[t]))
         x = out
+    weighted_after = False
+    for site in reversed(sites):
+        site.last_weighted = site.stage.has_weights and not weighted_after
+        weighted_after = weighted_after or site.stage.has_weights
     return Tape(sites, x)
 
 

@@ -15,6 +15,16 @@ from ..types import ObjectiveRule, StateRule, WeightRule
 from .grad import Grad
 from .moreau import Geometric, Lagrangian, Moreau, Paper, PerStage, Schedule, SolverError, moreau
 from .registry import LineRule, lookup, register
+from .target import (
+    Augmented,
+    Explicit,
+    Proximal,
+    augmented_lagrangian,
+    penalty_backprop,
+    proxprop,
+    regularized_target_prop,
+    target_prop,
+)
 
 LineSpec = Any  # a line rule, a sequence of line rules (one per stage), or a function site -> rule
 
@@ -67,6 +77,8 @@ def backprop(step: float = 1.0) -> Rule:
 
 
 __all__ = [
+    "Augmented", "Explicit", "Proximal", "augmented_lagrangian", "penalty_backprop", "proxprop",
+    "regularized_target_prop", "target_prop",
     "Geometric", "Grad", "Lagrangian", "LineRule", "Moreau", "Paper", "PerStage", "Rule", "Schedule",
     "SolverError", "backprop", "lookup", "moreau", "register",
 ]

@@ -1,0 +1,207 @@
+"""Regularised least squares on a stage, exact or by matrix-free conjugate gradient (004 App. B).
+
+Target, proximal and augmented-Lagrangian rules all reduce, on a stage that is linear in the
+variable being updated, to one problem. With ``J`` the Jacobian of ``phi_t`` in that variable at the
+recorded point and a residual ``r`` (shaped like ``x_t``):
+
+    ``delta = argmin_d  scale <r, J d> + kappa/2 ||J d + r||^2 + c/2 ||d||^2``
+    ``      = -(scale + kappa) (kappa J^T J + c I)^{-1} J^T r``
+
+(the first term is absent when ``scale = 0``). ProxProp (004 eq. 11) is ``scale = 0, kappa = 1,
+c = 1/tau_theta`` with ``r = tau lambda``; the augmented-Lagrangian weight step (000 Algo 8) is
+``scale = beta, c = 1/alpha``; ``c = 0`` is plain least squares, solved for the minimum-norm
+``delta`` (target propagation's approximate inverse, 000 eq. 40).
+
+Exact solves use the Gram matrix of the layer input for ``Linear`` and ``Conv2d`` weights (one
+batched solve whose size is independent of the batch, 004 eq. 44) and ``W^T W`` for ``Linear``
+inputs; :class:`CG` runs ``k`` matrix-free steps on ``kappa J^T J + c I`` for any stage, with
+``J^T`` from the recorded graph and ``J`` by eager forward-mode AD. For a stage that is not linear in the
+variable this is the Gauss-Newton (linearised) step.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .solvers import gdot, gscale
+from .types import SolveInfo, Weights
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Solve exactly: the Gram closed form where one is registered (``Linear``, ``Conv2d``), else CG
+    to ``tol`` (at most ``max_iter`` steps)."""
+
+    tol: float = 1e-10
+    max_iter: int = 500
+
+
+@dataclass(frozen=True)
+class CG:
+    """``steps`` matrix-free conjugate-gradient iterations from 0 (004 Sec. 5.1 uses 1, 3 or 5).
+    Every iterate is a descent direction (004 Prop. 5)."""
+
+    steps: int = 3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"CG: steps must be an int >= 1, got {self.steps!r}")
+
+
+Method = Exact | CG
+
+
+@functools.cache
+def _load_forward_ad() -> None:
+    """torch 2.13 loads its forward-AD decompositions through ``torch.jit.script`` on first use,
+    which warns that it is deprecated: torch's own business, so that one warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated",
+                                category=DeprecationWarning)
+        with fwAD.dual_level():
+            fwAD.make_dual(torch.zeros(1), torch.zeros(1))
+
+
+def jvp(fn: Any, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """``(fn(*primals), J tangents)`` by eager forward-mode AD (dual tensors)."""
+    _load_forward_ad()
+    with fwAD.dual_level():
+        out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)))
+        primal, tangent = fwAD.unpack_dual(out)
+    return primal, torch.zeros_like(primal) if tangent is None else tangent
+
+
+def cg(apply: Any, b: list[Tensor], steps: int, groups: int,
+       tol: float = 0.0) -> tuple[list[Tensor], SolveInfo]:
+    """Conjugate gradient for ``M x = b`` from ``x = 0``, per group; ``M`` must be SPD.
+
+    A non-positive ``<p, M p>`` (``M`` not positive definite) stops the solve and is reported.
+    """
+    x = [torch.zeros_like(t) for t in b]
+    r = list(b)
+    p = list(b)
+    rr = gdot(r, r, groups)
+    it, message = 0, ""
+    for it in range(1, steps + 1):  # noqa: B007 - reported
+        Ap = apply(p)
+        pAp = gdot(p, Ap, groups)
+        live = rr > 0
+        if bool((live & (pAp <= 0)).any()):
+            message = "operator not positive definite"
+            it -= 1
+            break
+        a = torch.where(live, rr / pAp.where(live, torch.ones_like(pAp)), 0.0)
+        x = [xi + gscale(a, pi, groups) * pi for xi, pi in zip(x, p, strict=True)]
+        r = [ri - gscale(a, qi, groups) * qi for ri, qi in zip(r, Ap, strict=True)]
+        rr_new = gdot(r, r, groups)
+        if float(rr_new.max().sqrt()) <= tol:
+            rr = rr_new
+            break
+        beta = torch.where(live, rr_new / rr.where(live, torch.ones_like(rr)), 0.0)
+        p = [ri + gscale(beta, pi, groups) * pi for ri, pi in zip(r, p, strict=True)]
+        rr = rr_new
+    res = float(rr.max().sqrt()) if rr.numel() else 0.0
+    ok = not message and res <= tol
+    return x, SolveInfo(f"conjugate gradient ({steps} steps max)", it, res,
+                        None if (tol == 0 and not message) else ok, message)
+
+
+# -- the weight problem -------------------------------------------------------------------------
+
+
+def _inputs_linear(m: nn.Linear, x: Tensor) -> Tensor:
+    a = x.reshape(-1, m.in_features)
+    return torch.cat([a, torch.ones_like(a[:, :1])], 1) if m.bias is not None else a
+
+
+def _inputs_conv2d(m: nn.Conv2d, x: Tensor) -> Tensor:
+    cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, C k k, L)
+    a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return torch.cat([a, torch.ones_like(a[:, :1])], 1) if m.bias is not None else a
+
+
+def _exact_inputs(module: nn.Module, site: Any) -> Tensor | None:
+    """Rows ``a~`` with ``phi(w, x) = W a~`` per output row, or None if no exact form applies."""
+    names = set(site.w)
+    if isinstance(module, nn.Linear) and names == {n for n, _ in module.named_parameters()}:
+        return _inputs_linear(module, site.x_prev.detach())
+    if (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and isinstance(module.padding, tuple) and names == {n for n, _ in module.named_parameters()}):
+        return _inputs_conv2d(module, site.x_prev.detach())
+    return None
+
+
+def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
+    """``K^{-1} B`` for symmetric PSD ``K``; Cholesky when regularised, minimum-norm when ``c = 0``."""
+    if c > 0:
+        L, info = torch.linalg.cholesky_ex(K)
+        if int(info) == 0:
+            return torch.cholesky_solve(B, L)
+    return torch.linalg.pinv(K, hermitian=True) @ B
+
+
+def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
+                 method: Method) -> tuple[Weights, SolveInfo]:
+    """``delta_w = -(scale + kappa) (kappa J_w^T J_w + c I)^{-1} J_w^T r`` (see the module doc)."""
+    names = list(site.w)
+    _, g = site.vjp(r)  # J_w^T r, exact on the recorded graph
+    a = _exact_inputs(site.stage.module, site) if isinstance(method, Exact) else None
+    if a is not None:
+        gmat = torch.cat([g[n].reshape(g[n].shape[0], -1) if n == "weight" else g[n][:, None]
+                          for n in ("weight", "bias") if n in g], 1)  # (out, in~)
+        K = kappa * (a.T @ a) + c * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+        d = -(scale + kappa) * _sym_solve(K, gmat.T, c).T
+        w_shape = g["weight"].shape
+        out = {"weight": d[:, : w_shape[1:].numel()].reshape(w_shape)}
+        if "bias" in g:
+            out["bias"] = d[:, -1]
+        return out, SolveInfo("closed form: Gram solve")
+    w = [site.w[n].detach() for n in names]
+
+    def phi_w(*v: Tensor) -> Tensor:
+        return site.phi(dict(zip(names, v, strict=True)))
+
+    def apply(v: list[Tensor]) -> list[Tensor]:
+        _, jv = jvp(phi_w, tuple(w), tuple(v))
+        _, jtjv = site.vjp(jv)
+        return [kappa * jtjv[n] + c * vi for n, vi in zip(names, v, strict=True)]
+
+    steps, tol = (method.steps, 0.0) if isinstance(method, CG) else (method.max_iter, method.tol)
+    x, info = cg(apply, [g[n] for n in names], steps, 1, tol)
+    return {n: -(scale + kappa) * xi for n, xi in zip(names, x, strict=True)}, info
+
+
+# -- the state problem --------------------------------------------------------------------------
+
+
+def solve_state(site: Any, r: Tensor, scale: float, kappa: float, c: float, method: Method,
+                groups: int) -> tuple[Tensor, SolveInfo]:
+    """``delta_x = -(scale + kappa) (kappa J_x^T J_x + c I)^{-1} J_x^T r``, per sample."""
+    dx, _ = site.vjp(r)
+    module = site.stage.module
+    if isinstance(method, Exact) and isinstance(module, nn.Linear) and "weight" in site.w:
+        W = site.w["weight"].detach()
+        if c > 0:
+            K = kappa * W.T @ W + c * torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
+            d = _sym_solve(K, dx.reshape(-1, W.shape[1]).T, c).T
+        else:  # minimum-norm least squares: delta = -pinv(W) r
+            d = (torch.linalg.pinv(W) @ r.reshape(-1, W.shape[0]).T).T / kappa
+        return -(scale + kappa) * d.reshape(site.x_prev.shape), SolveInfo("closed form: Gram solve")
+    x0 = site.x_prev.detach()
+
+    def apply(v: list[Tensor]) -> list[Tensor]:
+        _, jv = jvp(lambda y: site.phi(x=y), (x0,), (v[0],))
+        jtjv, _ = site.vjp(jv)
+        return [kappa * jtjv + c * v[0]]
+
+    steps, tol = (method.steps, 0.0) if isinstance(method, CG) else (method.max_iter, method.tol)
+    (x,), info = cg(apply, [dx], steps, groups, tol)
+    return -(scale + kappa) * x, info
