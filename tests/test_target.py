@@ -8,12 +8,11 @@ from torch import nn
 from torch.func import functional_call
 
 import moreaugrad as mg
+from helpers import CHAIN_NAMES, make
 from moreaugrad.lstsq import CG, Exact
 from moreaugrad.rules import Augmented, PerStage, Proximal, moreau
 from moreaugrad.solvers import LBFGS
 from moreaugrad.sweep import record
-
-from helpers import CHAIN_NAMES, make
 
 F64 = torch.float64
 
@@ -139,8 +138,8 @@ def test_augmented_with_beta_zero_is_regularized_target_propagation():
 
         def fun(z, site=site, xp=xp, x_prev=x_prev):
             out = site.phi(x=z[0])
-            return (kappa / 2 * (out - xp).pow(2).sum() + (kappa + 1 / gamma) / 2 * (z[0] - x_prev).pow(2).sum()
-                    ).reshape(1)
+            prox = (kappa + 1 / gamma) / 2 * (z[0] - x_prev).pow(2).sum()
+            return (kappa / 2 * (out - xp).pow(2).sum() + prox).reshape(1)
 
         (ref,), info = LBFGS(tol=1e-12, max_iter=2000).solve(fun, [x_prev.clone()])
         torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-9)
@@ -166,7 +165,8 @@ def test_augmented_closed_forms_match_the_generic_solver(params):
             if isinstance(site.stage.module, nn.Linear):
                 torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
             else:
-                fa, fb = state_objective(closed, site, xp.value, a), state_objective(closed, site, xp.value, b)
+                fa = state_objective(closed, site, xp.value, a)
+                fb = state_objective(closed, site, xp.value, b)
                 assert (fa <= fb + 1e-9).all()
                 # The local solver only approaches the kinks, so minimisers are compared by value.
                 assert ((fa - fb).abs() < 1e-9).float().mean() > 0.75
@@ -179,7 +179,8 @@ def test_augmented_closed_forms_match_the_generic_solver(params):
                     # alpha = inf can leave an ill-conditioned least-squares problem that L-BFGS does
                     # not finish: the exact solve must then be at least as good.
                     xt, tp = site.x.detach(), xp.value
-                    obj = [float(closed.beta * ((xt - tp) * f).sum() + closed.kappa / 2 * (f - tp).pow(2).sum())
+                    obj = [float(closed.beta * ((xt - tp) * f).sum()
+                                 + closed.kappa / 2 * (f - tp).pow(2).sum())
                            for f in fits]
                     assert obj[0] <= obj[1] + 1e-12
                 elif closed.c_weight > 0:
