@@ -79,20 +79,22 @@ def jvp(fn: Any, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> t
     return primal, torch.zeros_like(primal) if tangent is None else tangent
 
 
-def cg(apply: Any, b: list[Tensor], steps: int, groups: int,
-       tol: float = 0.0) -> tuple[list[Tensor], SolveInfo]:
+def cg(apply: Any, b: list[Tensor], steps: int, groups: int, tol: float = 0.0,
+       dot: Any = None) -> tuple[list[Tensor], SolveInfo]:
     """Conjugate gradient for ``M x = b`` from ``x = 0``, per group; ``M`` must be SPD.
 
-    A non-positive ``<p, M p>`` (``M`` not positive definite) stops the solve and is reported.
+    ``dot`` is the inner product of the coordinates (default: the Euclidean one per group). A
+    non-positive ``<p, M p>`` (``M`` not positive definite) stops the solve and is reported.
     """
+    gdot_ = dot if dot is not None else (lambda u, v: gdot(u, v, groups))
     x = [torch.zeros_like(t) for t in b]
     r = list(b)
     p = list(b)
-    rr = gdot(r, r, groups)
+    rr = gdot_(r, r)
     it, message = 0, ""
     for it in range(1, steps + 1):  # noqa: B007 - reported
         Ap = apply(p)
-        pAp = gdot(p, Ap, groups)
+        pAp = gdot_(p, Ap)
         live = rr > 0
         if bool((live & (pAp <= 0)).any()):
             message = "operator not positive definite"
@@ -101,7 +103,7 @@ def cg(apply: Any, b: list[Tensor], steps: int, groups: int,
         a = torch.where(live, rr / pAp.where(live, torch.ones_like(pAp)), 0.0)
         x = [xi + gscale(a, pi, groups) * pi for xi, pi in zip(x, p, strict=True)]
         r = [ri - gscale(a, qi, groups) * qi for ri, qi in zip(r, Ap, strict=True)]
-        rr_new = gdot(r, r, groups)
+        rr_new = gdot_(r, r)
         if float(rr_new.max().sqrt()) <= tol:
             rr = rr_new
             break
@@ -117,26 +119,59 @@ def cg(apply: Any, b: list[Tensor], steps: int, groups: int,
 # -- the weight problem -------------------------------------------------------------------------
 
 
-def _inputs_linear(m: nn.Linear, x: Tensor) -> Tensor:
-    a = x.reshape(-1, m.in_features)
-    return torch.cat([a, torch.ones_like(a[:, :1])], 1) if m.bias is not None else a
+@dataclass(frozen=True)
+class _Rows:
+    """A stage linear in ``w`` written as rows: ``phi(w, x)`` reshaped to ``(N, out)`` equals
+    ``A~ W~^T`` with ``A~ = [a, 1]`` (``N x in~``) and ``W~ = [W, b]`` (``out x in~``)."""
+
+    a: Tensor
+    out_shape: torch.Size
+    weight_shape: torch.Size
+    bias: bool
+    conv: bool
+
+    def rows(self, r: Tensor) -> Tensor:
+        """A tensor shaped like ``x_t`` as ``(N, out)`` rows, in the order of ``a``."""
+        if self.conv:  # (B, C, H, W) -> (B * H * W, C)
+            return r.flatten(2).transpose(1, 2).reshape(-1, r.shape[1])
+        return r.reshape(-1, r.shape[-1])
+
+    def weights(self, d: Tensor) -> Weights:
+        out = {"weight": d[:, : self.weight_shape[1:].numel()].reshape(self.weight_shape)}
+        if self.bias:
+            out["bias"] = d[:, -1]
+        return out
 
 
-def _inputs_conv2d(m: nn.Conv2d, x: Tensor) -> Tensor:
-    cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, C k k, L)
-    a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return torch.cat([a, torch.ones_like(a[:, :1])], 1) if m.bias is not None else a
+def _rows(site: Any) -> _Rows | None:
+    """The row form of a ``Linear`` or ``Conv2d`` stage whose weights are all variables, else None."""
+    m = site.stage.module
+    if set(site.w) != {n for n, _ in m.named_parameters()}:
+        return None
+    x = site.x_prev.detach()
+    if isinstance(m, nn.Linear):
+        a, conv = x.reshape(-1, m.in_features), False
+    elif (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+          and isinstance(m.padding, tuple)):
+        cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, C k k, L)
+        a, conv = cols.transpose(1, 2).reshape(-1, cols.shape[1]), True
+    else:
+        return None
+    if m.bias is not None:
+        a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+    return _Rows(a, site.x.shape, m.weight.shape, m.bias is not None, conv)
 
 
-def _exact_inputs(module: nn.Module, site: Any) -> Tensor | None:
-    """Rows ``a~`` with ``phi(w, x) = W a~`` per output row, or None if no exact form applies."""
-    names = set(site.w)
-    if isinstance(module, nn.Linear) and names == {n for n, _ in module.named_parameters()}:
-        return _inputs_linear(module, site.x_prev.detach())
-    if (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and isinstance(module.padding, tuple) and names == {n for n, _ in module.named_parameters()}):
-        return _inputs_conv2d(module, site.x_prev.detach())
-    return None
+def _ridge_rows(R: Tensor, a: Tensor, kappa: float, c: float) -> Tensor:
+    """``R^T a (kappa a^T a + c I)^{-1}`` for rows ``R`` (``N x out``): one symmetric solve of size
+    ``in~`` (004 eq. 44), or of size ``N`` when the batch is the smaller side, by the push-through
+    identity ``a (kappa a^T a + c I)^{-1} = (kappa a a^T + c I)^{-1} a``."""
+    n, k = a.shape
+    if c > 0 and n < k:
+        small = kappa * (a @ a.T) + c * torch.eye(n, dtype=a.dtype, device=a.device)
+        return _sym_solve(small, R, c).T @ a
+    K = kappa * (a.T @ a) + c * torch.eye(k, dtype=a.dtype, device=a.device)
+    return _sym_solve(K, (R.T @ a).T, c).T
 
 
 def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
@@ -148,22 +183,43 @@ def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
     return torch.linalg.pinv(K, hermitian=True) @ B
 
 
+def _cg_rows(R: Tensor, a: Tensor, kappa: float, c: float, steps: int,
+             tol: float) -> tuple[Tensor, SolveInfo]:
+    """CG on ``V (kappa a^T a + c I) = R^T a`` over weights ``V`` of shape ``(out, in~)``.
+
+    Every iterate lies in the row space of ``a`` (the right-hand side does, and the operator keeps
+    it there), so when the batch ``N`` is below ``in~`` CG runs on coefficients ``Z`` with
+    ``V = Z a``: the operator is ``Z -> kappa Z S + c Z`` and ``<V1, V2> = <Z1 S, Z2>`` with
+    ``S = a a^T`` (``N x N``). Same iterates, steps of ``out N^2`` instead of ``2 out N in~`` flops.
+    """
+    n, k = a.shape
+    if n < k:
+        S = a @ a.T
+        (z,), info = cg(lambda v: [kappa * (v[0] @ S) + c * v[0]], [R.T], steps, 1, tol,
+                        dot=lambda u, v: torch.dot((u[0] @ S).reshape(-1), v[0].reshape(-1)).reshape(1))
+        return z @ a, info
+    (d,), info = cg(lambda v: [kappa * ((a @ v[0].T).T @ a) + c * v[0]], [R.T @ a], steps, 1, tol)
+    return d, info
+
+
 def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
-                 method: Method) -> tuple[Weights, SolveInfo]:
-    """``delta_w = -(scale + kappa) (kappa J_w^T J_w + c I)^{-1} J_w^T r`` (see the module doc)."""
+                 method: Method, jtr: Weights | None = None) -> tuple[Weights, SolveInfo]:
+    """``delta_w = -(scale + kappa) (kappa J_w^T J_w + c I)^{-1} J_w^T r`` (see the module doc).
+
+    ``Linear`` and ``Conv2d`` work on rows (no forward-mode AD, no input gradient). ``jtr``, when
+    the caller has it, is ``J_w^T r`` and saves a vjp on the generic path.
+    """
+    rows = _rows(site)
+    steps, tol = (method.steps, 0.0) if isinstance(method, CG) else (method.max_iter, method.tol)
+    if rows is not None:
+        a, R = rows.a, rows.rows(r)
+        if isinstance(method, Exact):
+            d, info = _ridge_rows(R, a, kappa, c), SolveInfo("closed form: Gram solve")
+        else:
+            d, info = _cg_rows(R, a, kappa, c, steps, tol)
+        return rows.weights(-(scale + kappa) * d), info
     names = list(site.w)
-    _, g = site.vjp(r)  # J_w^T r, exact on the recorded graph
-    a = _exact_inputs(site.stage.module, site) if isinstance(method, Exact) else None
-    if a is not None:
-        gmat = torch.cat([g[n].reshape(g[n].shape[0], -1) if n == "weight" else g[n][:, None]
-                          for n in ("weight", "bias") if n in g], 1)  # (out, in~)
-        K = kappa * (a.T @ a) + c * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-        d = -(scale + kappa) * _sym_solve(K, gmat.T, c).T
-        w_shape = g["weight"].shape
-        out = {"weight": d[:, : w_shape[1:].numel()].reshape(w_shape)}
-        if "bias" in g:
-            out["bias"] = d[:, -1]
-        return out, SolveInfo("closed form: Gram solve")
+    g = jtr if jtr is not None else site.vjp(r)[1]  # J_w^T r, exact on the recorded graph
     w = [site.w[n].detach() for n in names]
 
     def phi_w(*v: Tensor) -> Tensor:
@@ -174,7 +230,6 @@ def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
         _, jtjv = site.vjp(jv)
         return [kappa * jtjv[n] + c * vi for n, vi in zip(names, v, strict=True)]
 
-    steps, tol = (method.steps, 0.0) if isinstance(method, CG) else (method.max_iter, method.tol)
     x, info = cg(apply, [g[n] for n in names], steps, 1, tol)
     return {n: -(scale + kappa) * xi for n, xi in zip(names, x, strict=True)}, info
 
@@ -185,7 +240,7 @@ def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
 def solve_state(site: Any, r: Tensor, scale: float, kappa: float, c: float, method: Method,
                 groups: int) -> tuple[Tensor, SolveInfo]:
     """``delta_x = -(scale + kappa) (kappa J_x^T J_x + c I)^{-1} J_x^T r``, per sample."""
-    dx, _ = site.vjp(r)
+    dx, _ = site.vjp(r, weights=False)
     module = site.stage.module
     if isinstance(method, Exact) and isinstance(module, nn.Linear) and "weight" in site.w:
         W = site.w["weight"].detach()
@@ -199,7 +254,7 @@ def solve_state(site: Any, r: Tensor, scale: float, kappa: float, c: float, meth
 
     def apply(v: list[Tensor]) -> list[Tensor]:
         _, jv = jvp(lambda y: site.phi(x=y), (x0,), (v[0],))
-        jtjv, _ = site.vjp(jv)
+        jtjv, _ = site.vjp(jv, weights=False)
         return [kappa * jtjv + c * v[0]]
 
     steps, tol = (method.steps, 0.0) if isinstance(method, CG) else (method.max_iter, method.tol)

@@ -62,25 +62,31 @@ class Site:
         """``phi_t(w, x)`` re-evaluated, with the recorded ``w_t`` and ``x_{t-1}`` by default."""
         return self.stage({} if w is None else w, self.x_prev.detach() if x is None else x)
 
-    def vjp(self, lam: Tensor) -> tuple[Tensor | None, Weights]:
+    def vjp(self, lam: Tensor, weights: bool = True) -> tuple[Tensor | None, Weights]:
         """``(d_x phi_t^T lam, d_w phi_t^T lam)`` on the recorded graph.
 
-        One autograd call serves both the state and the weight line when they ask with the same
-        ``lam`` (the common case: the signal of this stage), so backprop costs one vjp per stage.
+        With ``weights=True`` one autograd call also takes the input part when the state line will
+        need it, and the result is kept for the same ``lam``: backprop costs one vjp per stage.
+        ``weights=False`` (a state rule) reuses that result, or takes the input part alone, so a
+        weight rule that does not linearise (ProxProp's row solves) costs no weight gradient.
+        The weight part is then empty.
         """
         hit = self._cache
-        if hit is not None and hit[0] is lam:
+        if hit is not None and hit[0] is lam and (hit[1][1] is not None or not weights):
             dx, dws = hit[1]
         else:
-            inputs = ([self.x_prev] if self.needs_state else []) + list(self.w.values())
+            want_w = weights and bool(self.w)
+            inputs = ([self.x_prev] if self.needs_state else []) + (list(self.w.values()) if want_w else [])
             if not inputs:
                 return None, {}
             grads = torch.autograd.grad(self.x, inputs, lam, retain_graph=True, allow_unused=True)
             dx = grads[0] if self.needs_state else None
-            dws = grads[1:] if self.needs_state else grads
+            dws = (grads[1:] if self.needs_state else grads) if want_w else None
             self._cache = (lam, (dx, dws))
         if dx is None and self.needs_state:
             dx = torch.zeros_like(self.x_prev)
+        if dws is None:
+            return dx, {}
         return dx, {n: torch.zeros_like(p) if g is None else g
                     for (n, p), g in zip(self.w.items(), dws, strict=True)}
 

@@ -12,6 +12,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..types import ObjectiveRule, StateRule, WeightRule
+from .fenchel import (
+    AdaptiveSpacing,
+    ConstantSpacing,
+    FiniteDifference,
+    Monotone,
+    PenaltyEnergy,
+    Spacing,
+    StageSpacing,
+    SurrogateInfo,
+    contrastive_backprop,
+    contrastive_surrogate,
+    fenchel,
+)
 from .grad import Grad
 from .moreau import Geometric, Lagrangian, Moreau, Paper, PerStage, Schedule, SolverError, moreau
 from .registry import LineRule, lookup, register
@@ -77,6 +90,8 @@ def backprop(step: float = 1.0) -> Rule:
 
 
 __all__ = [
+    "AdaptiveSpacing", "ConstantSpacing", "FiniteDifference", "Monotone", "PenaltyEnergy", "Spacing",
+    "StageSpacing", "SurrogateInfo", "contrastive_backprop", "contrastive_surrogate", "fenchel",
     "Augmented", "Explicit", "Proximal", "augmented_lagrangian", "penalty_backprop", "proxprop",
     "regularized_target_prop", "target_prop",
     "Geometric", "Grad", "Lagrangian", "LineRule", "Moreau", "Paper", "PerStage", "Rule", "Schedule",

@@ -67,7 +67,7 @@ def regularized(site: Any, direction: dict[str, Tensor]) -> dict[str, Tensor]:
 @register(Grad, "state")
 def grad_state(rule: Grad, site: Any, signal: Signal) -> StateUpdate:
     """``lambda_{t-1} = d_x phi_t^T lambda_t``."""
-    dx, _ = site.vjp(signal.dual(site.x.detach()))
+    dx, _ = site.vjp(signal.dual(site.x.detach()), weights=False)
     return StateUpdate(Dual(dx))
 
 

@@ -248,12 +248,13 @@ def generic_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
         return gamma * gdot([lam], [site.phi(x=x + y)], B) + 0.5 * gdot([y], [y], B)
 
     if rule.warm_start:
-        (y,), info = _solve(rule, site.t, fun, [-gamma * site.vjp(lam)[0]])
+        (y,), info = _solve(rule, site.t, fun, [-gamma * site.vjp(lam, weights=False)[0]])
     else:
         # At y = 0 the value and gradient come from the recorded graph: F = gamma <lam, x_t>,
         # grad F = gamma vjp_x(lam). No re-evaluation of phi_t.
         f0 = gamma * gdot([lam], [site.x.detach()], B)
-        (y,), info = _solve(rule, site.t, fun, [torch.zeros_like(x)], (f0, [gamma * site.vjp(lam)[0]]))
+        g0 = gamma * site.vjp(lam, weights=False)[0]
+        (y,), info = _solve(rule, site.t, fun, [torch.zeros_like(x)], (f0, [g0]))
     return StateUpdate(Dual(-beta * y), info)
 
 
@@ -317,7 +318,7 @@ def linear_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     """``phi_t`` affine in ``x``: ``grad env(gamma lam^T phi)(x) = gamma A^T lam``, so
     ``lambda_{t-1} = beta gamma vjp_x(lam)`` exactly."""
     gamma, beta = rule.schedule.dual(site.t - 1, site.horizon)
-    dx, _ = site.vjp(signal.dual(site.x.detach()))
+    dx, _ = site.vjp(signal.dual(site.x.detach()), weights=False)
     return StateUpdate(Dual((beta * gamma) * dx), SolveInfo("closed form: linear"))
 
 

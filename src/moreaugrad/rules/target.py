@@ -87,7 +87,7 @@ class Explicit(LineRule):
 
     def state(self, site: Any, signal: Signal) -> StateUpdate:
         x = site.x.detach()
-        dx, _ = site.vjp(x - _target(signal, x, 1 / self.tau))
+        dx, _ = site.vjp(x - _target(signal, x, 1 / self.tau), weights=False)
         return StateUpdate(Target(site.x_prev.detach() - dx))
 
     def weight(self, site: Any, signal: Signal) -> WeightUpdate:
@@ -319,7 +319,7 @@ def augmented_generic_state(rule: Augmented, site: Any, signal: Signal) -> State
 
     x_t = site.x.detach()
     f0 = 0.5 * kappa * gdot([r], [r], B) + (scale * gdot([r], [x_t], B) if scale else 0)
-    g0, _ = site.vjp((scale + kappa) * r)
+    g0, _ = site.vjp((scale + kappa) * r, weights=False)
     (d,), info = rule.solver.solve(fun, [torch.zeros_like(x)], (f0, [g0]))
     return StateUpdate(Target(x + d), info)
 
