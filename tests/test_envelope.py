@@ -9,7 +9,6 @@ from torch import nn
 from moreaugrad import envelope
 from moreaugrad.losses import CrossEntropy, SquaredLoss
 from moreaugrad.rules import Moreau, Paper
-from moreaugrad.rules.moreau import _activation
 from moreaugrad.solvers import LBFGS
 
 ACTIVATIONS = [
@@ -32,7 +31,7 @@ def test_activation_prox_is_the_global_minimiser(module):
     x = torch.randn(300, dtype=torch.float64) * 3
     # |c| < 1 keeps the smooth problems strongly convex; negative c exercises the concave side.
     c = (torch.rand(300, dtype=torch.float64) * 2 - 1) * 0.9
-    prox = _activation(module)
+    prox = envelope.activation(module)
     u, info = prox.prox(x, c)
     ref = brute_force_prox(module, x, c)
     assert info.converged, info

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .types import SolveInfo
 
@@ -156,6 +156,7 @@ class ReLUProx:
 
     knots: tuple[float, ...] = (0.0,)
     slopes: tuple[float, ...] = (0.0, 1.0)
+    fn: Callable[[Tensor], Tensor] = torch.relu
 
     def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
         env = torch.where(c >= 0, torch.minimum(x.clamp_min(0), c), torch.where(x > c / 2, c, 0.0))
@@ -174,6 +175,30 @@ def hardtanh(min_val: float, max_val: float) -> PiecewiseLinear:
 
 
 HARDSIGMOID = PiecewiseLinear(F.hardsigmoid, [-3.0, 3.0], [0.0, 1 / 6, 0.0])
+
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Softplus)
+
+
+def activation(module: nn.Module) -> PiecewiseLinear | ReLUProx | Smooth:
+    """The primitive of an elementwise activation module (its ``fn``, derivatives or pieces, and
+    ``prox``); ``ReLU6`` is a ``Hardtanh``. Raises ``NotImplementedError`` for other modules."""
+    if isinstance(module, nn.ReLU):
+        return RELU
+    if isinstance(module, nn.LeakyReLU):
+        return leaky_relu(module.negative_slope)
+    if isinstance(module, nn.Hardtanh):
+        return hardtanh(module.min_val, module.max_val)
+    if isinstance(module, nn.Hardsigmoid):
+        return HARDSIGMOID
+    if isinstance(module, nn.Sigmoid):
+        return SIGMOID
+    if isinstance(module, nn.Tanh):
+        return TANH
+    if isinstance(module, nn.SiLU):
+        return SILU
+    if isinstance(module, nn.Softplus):
+        return softplus(module.beta, module.threshold)
+    raise NotImplementedError(f"no elementwise primitive for {type(module).__name__}")
 
 
 # -- objectives ---------------------------------------------------------------------------------

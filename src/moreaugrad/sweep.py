@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .chain import Chain, Stage
 from .types import Signal, StageInfo, Weights, WeightUpdate
@@ -57,6 +57,14 @@ class Site:
     @property
     def needs_state(self) -> bool:
         return self.x_prev.requires_grad
+
+    @property
+    def groups(self) -> int:
+        """How many independent problems a state subproblem splits into: one per sample, unless
+        the stage mixes samples (a batch norm in train mode), then one."""
+        mixes = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                    for m in self.stage.module.modules())
+        return 1 if mixes or self.x_prev.dim() == 0 else self.x_prev.shape[0]
 
     def phi(self, w: Weights | None = None, x: Tensor | None = None) -> Tensor:
         """``phi_t(w, x)`` re-evaluated, with the recorded ``w_t`` and ``x_{t-1}`` by default."""

@@ -230,18 +230,13 @@ def _solve(rule: Moreau, t: int, fun: Any, z0: list[Tensor],
     return rule.solver_for(t).solve(fun, z0, start)
 
 
-def _separable(module: nn.Module) -> bool:
-    """Whether ``phi_t`` acts on each sample alone (train-mode batch norm mixes them)."""
-    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules())
-
-
 def generic_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     """``y* = argmin_y gamma lam^T phi_t(w_t, x + y) + ||y||^2/2`` by the rule's solver, per sample;
     ``lambda_{t-1} = -beta y*``."""
     gamma, beta = rule.schedule.dual(site.t - 1, site.horizon)
     lam = signal.dual(site.x.detach())
     x = site.x_prev.detach()
-    B = x.shape[0] if _separable(site.stage.module) and x.dim() > 0 else 1
+    B = site.groups
 
     def fun(z: list[Tensor]) -> Tensor:
         (y,) = z
@@ -338,36 +333,13 @@ def linear_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
     return WeightUpdate(d, alpha, SolveInfo("closed form: linear"))
 
 
-def _activation(module: nn.Module) -> Any:
-    if isinstance(module, nn.ReLU):
-        return envelope.RELU
-    if isinstance(module, nn.LeakyReLU):
-        return envelope.leaky_relu(module.negative_slope)
-    if isinstance(module, nn.Hardtanh):  # includes ReLU6
-        return envelope.hardtanh(module.min_val, module.max_val)
-    if isinstance(module, nn.Hardsigmoid):
-        return envelope.HARDSIGMOID
-    if isinstance(module, nn.Sigmoid):
-        return envelope.SIGMOID
-    if isinstance(module, nn.Tanh):
-        return envelope.TANH
-    if isinstance(module, nn.SiLU):
-        return envelope.SILU
-    if isinstance(module, nn.Softplus):
-        return envelope.softplus(module.beta, module.threshold)
-    raise NotImplementedError(type(module).__name__)  # pragma: no cover - registry guards it
-
-
-ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Softplus)
-
-
-@register(Moreau, "state", *ACTIVATIONS)
+@register(Moreau, "state", *envelope.ACTIVATIONS)
 def activation_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     """Elementwise ``sigma``: ``u = argmin_u gamma lam sigma(u) + (u - x)^2/2`` per entry and
     ``lambda_{t-1} = beta (x - u)``."""
     gamma, beta = rule.schedule.dual(site.t - 1, site.horizon)
     x = site.x_prev.detach()
-    u, info = _activation(site.stage.module).prox(x, gamma * signal.dual(site.x.detach()))
+    u, info = envelope.activation(site.stage.module).prox(x, gamma * signal.dual(site.x.detach()))
     return StateUpdate(Dual(beta * (x - u)), info)
 
 

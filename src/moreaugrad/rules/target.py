@@ -33,7 +33,7 @@ from ..lstsq import CG, Exact, Method, solve_state, solve_weight
 from ..solvers import CAP, LBFGS, gdot
 from ..types import Signal, SolveInfo, StateUpdate, Target, WeightUpdate
 from .grad import Grad, check_positive, grad_weight, objective_value, regularized
-from .moreau import LINEAR, Moreau, SolverError, _separable
+from .moreau import LINEAR, Moreau, SolverError
 from .registry import LineRule, lookup, register
 
 INF = math.inf
@@ -225,8 +225,7 @@ class Augmented(LineRule):
 def augmented_linear_state(rule: Augmented, site: Any, signal: Signal) -> StateUpdate:
     """``phi_t`` affine in ``x``: ``delta = -(beta + kappa)(kappa A^T A + c I)^{-1} A^T r``."""
     _, r, scale, kappa = rule.terms(site, signal)
-    groups = site.x_prev.shape[0] if _separable(site.stage.module) else 1
-    delta, info = solve_state(site, r, scale, kappa, rule.c_state, rule.method, groups)
+    delta, info = solve_state(site, r, scale, kappa, rule.c_state, rule.method, site.groups)
     return StateUpdate(Target(site.x_prev.detach() + delta), info)
 
 
@@ -238,25 +237,13 @@ def augmented_linear_weight(rule: Augmented, site: Any, signal: Signal) -> Weigh
     return WeightUpdate(regularized(site, {n: -d / rule.step for n, d in delta.items()}), rule.step, info)
 
 
-def _piecewise(module: nn.Module) -> envelope.PiecewiseLinear | None:
-    if isinstance(module, nn.ReLU):
-        return envelope.PiecewiseLinear(torch.relu, [0.0], [0.0, 1.0])
-    if isinstance(module, nn.LeakyReLU):
-        return envelope.leaky_relu(module.negative_slope)
-    if isinstance(module, nn.Hardtanh):
-        return envelope.hardtanh(module.min_val, module.max_val)
-    if isinstance(module, nn.Hardsigmoid):
-        return envelope.HARDSIGMOID
-    return None
-
-
 @register(Augmented, "state", nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardsigmoid)
 def augmented_piecewise_state(rule: Augmented, site: Any, signal: Signal) -> StateUpdate:
     """Elementwise and piecewise linear: on each piece ``sigma(u) = s u + b`` the objective
     ``scale r s u + c/2 (u - x)^2 + kappa/2 (s u + b - t)^2`` is a quadratic minimised in closed
     form and clipped to the piece; the best piece wins, ties going to the smallest change
     ``|u - x|`` (the regularised projection of ReLU, 000 Sec. 3.2)."""
-    pw = _piecewise(site.stage.module)
+    pw = envelope.activation(site.stage.module)
     xp, r, scale, kappa = rule.terms(site, signal)
     x = site.x_prev.detach()
     c = rule.c_state
@@ -309,7 +296,7 @@ def augmented_generic_state(rule: Augmented, site: Any, signal: Signal) -> State
     xp, r, scale, kappa = rule.terms(site, signal)
     x = site.x_prev.detach()
     c = rule.c_state
-    B = x.shape[0] if _separable(site.stage.module) else 1
+    B = site.groups
 
     def fun(z: list[Tensor]) -> Tensor:
         (d,) = z
