@@ -53,20 +53,25 @@ class Schedule:
 
 
 @dataclass(frozen=True)
-class Paper(Schedule):
+class Constant(Schedule):
+    """A schedule set by one ``gamma`` and one ``alpha`` (both finite and > 0)."""
+
+    gamma: float = 0.5
+    alpha: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_positive(f"{type(self).__name__} schedule", "gamma", self.gamma)
+        check_positive(f"{type(self).__name__} schedule", "alpha", self.alpha)
+
+
+@dataclass(frozen=True)
+class Paper(Constant):
     """000 eq. 52: ``beta = 1``, constant ``gamma`` and ``alpha``.
 
     With ``beta = 1`` the dual shrinks by roughly ``gamma`` per stage going backward (for a linear
     stage ``lambda_{t-1} = gamma A^T lambda_t``): on the pendulum with ``gamma = 0.5`` only the last
     ~20 controls move. Use :class:`Lagrangian` for directions that tend to the gradient.
     """
-
-    gamma: float = 0.5
-    alpha: float = 2.0
-
-    def __post_init__(self) -> None:
-        check_positive("Paper schedule", "gamma", self.gamma)
-        check_positive("Paper schedule", "alpha", self.alpha)
 
     def dual(self, s: int, tau: int) -> tuple[float, float]:
         return self.gamma, 1.0
@@ -76,16 +81,9 @@ class Paper(Schedule):
 
 
 @dataclass(frozen=True)
-class Geometric(Schedule):
+class Geometric(Constant):
     """000 Algo 2 with ``gamma_s = gamma^(tau - s + 1)``, ``beta_s = 1/gamma_s`` and
     ``alpha_t = alpha gamma_{t+1}`` (000 Sec. 4, App. E.2.1; ``gamma_{tau+1} = 1``)."""
-
-    gamma: float = 0.5
-    alpha: float = 2.0
-
-    def __post_init__(self) -> None:
-        check_positive("Geometric schedule", "gamma", self.gamma)
-        check_positive("Geometric schedule", "alpha", self.alpha)
 
     def dual(self, s: int, tau: int) -> tuple[float, float]:
         g = self.gamma ** (tau - s + 1)
@@ -96,16 +94,9 @@ class Geometric(Schedule):
 
 
 @dataclass(frozen=True)
-class Lagrangian(Schedule):
+class Lagrangian(Constant):
     """000 eq. 9: ``beta = 1/gamma``, constant ``gamma`` and ``alpha``; tends to backprop as
     ``gamma, alpha -> 0`` and does not decay along the chain."""
-
-    gamma: float = 0.5
-    alpha: float = 2.0
-
-    def __post_init__(self) -> None:
-        check_positive("Lagrangian schedule", "gamma", self.gamma)
-        check_positive("Lagrangian schedule", "alpha", self.alpha)
 
     def dual(self, s: int, tau: int) -> tuple[float, float]:
         return self.gamma, 1.0 / self.gamma
