@@ -137,6 +137,11 @@ def test_oracle_on_f_of_g_versus_the_envelope_of_the_composition():
         assert info.converged
         envelope_grad = -ystar
         gaps.append(float((approx - envelope_grad).norm() / envelope_grad.norm()))
+        # ... and much closer than the scaled gradient alpha grad(h o g)(x), the linearised answer
+        with torch.enable_grad():
+            xg = x.clone().requires_grad_(True)
+            scaled_grad = alpha * torch.autograd.grad(h(g(xg), y), xg)[0]
+        assert gaps[-1] < float((scaled_grad - envelope_grad).norm() / envelope_grad.norm()) / 3
     # The relative gap is small and shrinks linearly with alpha (absolute gap O(alpha^2)).
     assert gaps[0] < 0.1
     assert all(1.6 < a / b < 2.4 for a, b in zip(gaps, gaps[1:])), gaps

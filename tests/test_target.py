@@ -311,3 +311,23 @@ def test_every_preset_runs_on_every_chain(preset, name):
     assert math.isfinite(float(result.loss))
     flat = [d for ds in result.directions if ds for d in ds.values()]
     assert flat and all(bool(torch.isfinite(d).all()) for d in flat)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.95, nesterov=True),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2),
+], ids=["nesterov", "adam"])
+@pytest.mark.parametrize("rule", ["proxprop", "moreau"])
+def test_directions_drive_torch_optimizers(make_opt, rule):
+    """004 Sec. 5.3 / 001 Sec. 3: the directions in .grad drive Nesterov SGD and Adam down."""
+    model, x, y = mlp(widths=(6, 16, 16, 3))
+    h = mg.losses.CrossEntropy()
+    r = mg.rules.proxprop(tau_theta=1.0) if rule == "proxprop" else mg.rules.moreau(gamma=1.0, alpha=2.0)
+    oracle = mg.Oracle(model, h, r)
+    opt = make_opt(model.parameters())
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        losses.append(float(oracle.backward(x, y).loss))
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0], losses
