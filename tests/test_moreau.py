@@ -266,3 +266,23 @@ def test_morgd_on_the_pendulum_decreases_monotonically():
     costs = finite[best]
     assert all(b < a for a, b in zip(costs, costs[1:])), (best, costs)
     assert costs[-1] < 0.5 * costs[0]
+
+
+def test_dropout_stage_is_re_evaluated_with_its_recorded_mask():
+    """A generic solve re-evaluates phi_t: a train-mode dropout must redraw the recorded mask, so
+    the unit-GD-step identity with backprop still holds exactly."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh()), nn.Linear(16, 3)).to(F64)
+    x, y = torch.randn(6, 5, dtype=F64), torch.arange(6) % 3
+    h = mg.losses.CrossEntropy()
+    tape = record(mg.Chain(model), x)
+    site = tape.sites[0]
+    assert site.rng is not None
+    torch.testing.assert_close(site.phi(), site.x.detach(), rtol=0, atol=0)
+    state = torch.get_rng_state()
+    grad, _ = directions(model, x, y, h, mg.rules.backprop())
+    torch.set_rng_state(state)
+    rule = moreau(schedule=Lagrangian(gamma=0.7, alpha=3.0), solver=GradientDescent(step=1.0, max_iter=1),
+                  closed_forms=False)
+    d, _ = directions(model, x, y, h, rule)
+    torch.testing.assert_close(d, grad, rtol=1e-12, atol=1e-14)

@@ -38,6 +38,7 @@ class Site:
         horizon: ``tau``, the number of stages, for schedules.
         regularizer: ``r_t``, or None.
         last_weighted: no later stage has weights (ProxProp keeps this stage explicit, 004 eq. 12).
+        rng: the random-number state before the forward pass of a stochastic stage, else None.
     """
 
     stage: Stage
@@ -47,6 +48,7 @@ class Site:
     horizon: int
     regularizer: Regularizer | None = None
     last_weighted: bool = False
+    rng: tuple[Tensor, Tensor | None] | None = None
     _cache: tuple[Tensor, Any] | None = field(default=None, repr=False)
 
     @property
@@ -67,8 +69,19 @@ class Site:
         return 1 if mixes or self.x_prev.dim() == 0 else self.x_prev.shape[0]
 
     def phi(self, w: Weights | None = None, x: Tensor | None = None) -> Tensor:
-        """``phi_t(w, x)`` re-evaluated, with the recorded ``w_t`` and ``x_{t-1}`` by default."""
-        return self.stage({} if w is None else w, self.x_prev.detach() if x is None else x)
+        """``phi_t(w, x)`` re-evaluated, with the recorded ``w_t`` and ``x_{t-1}`` by default.
+
+        A stage that drew random numbers in the forward pass (dropout in train mode) draws the
+        same ones again, so ``phi_t`` is the function that was recorded.
+        """
+        w = {} if w is None else w
+        x = self.x_prev.detach() if x is None else x
+        if self.rng is None:
+            return self.stage(w, x)
+        devices = [self.x.device] if self.x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            _set_rng(self.rng, self.x.device)
+            return self.stage(w, x)
 
     def vjp(self, lam: Tensor, weights: bool = True) -> tuple[Tensor | None, Weights]:
         """``(d_x phi_t^T lam, d_w phi_t^T lam)`` on the recorded graph.
@@ -118,18 +131,35 @@ def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | Non
     regs = regularizers or [None] * tau
     for t, stage in enumerate(chain.stages):
         x_prev = x.detach().requires_grad_(t > 0 or input_signal)
+        rng = _get_rng(x_prev.device) if _stochastic(stage.module) else None
         try:
             out, w = stage.record(x_prev)
         except RuntimeError as err:
             raise ValueError(f"stage {t + 1}/{tau} ({stage.module!r}) failed on an input of shape "
                              f"{tuple(x_prev.shape)} and dtype {x_prev.dtype}: {err}") from err
-        sites.append(Site(stage, x_prev, out, w, tau, regs[t]))
+        sites.append(Site(stage, x_prev, out, w, tau, regs[t], rng=rng))
         x = out
     weighted_after = False
     for site in reversed(sites):
         site.last_weighted = site.stage.has_weights and not weighted_after
         weighted_after = weighted_after or site.stage.has_weights
     return Tape(sites, x)
+
+
+def _stochastic(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+               for m in module.modules())
+
+
+def _get_rng(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 @dataclass
