@@ -272,7 +272,8 @@ def test_dropout_stage_is_re_evaluated_with_its_recorded_mask():
     """A generic solve re-evaluates phi_t: a train-mode dropout must redraw the recorded mask, so
     the unit-GD-step identity with backprop still holds exactly."""
     torch.manual_seed(7)
-    model = nn.Sequential(nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh()), nn.Linear(16, 3)).to(F64)
+    layer = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh())
+    model = nn.Sequential(layer, nn.Linear(16, 3)).to(F64)
     x, y = torch.randn(6, 5, dtype=F64), torch.arange(6) % 3
     h = mg.losses.CrossEntropy()
     tape = record(mg.Chain(model), x)
