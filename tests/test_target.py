@@ -331,3 +331,12 @@ def test_directions_drive_torch_optimizers(make_opt, rule):
         losses.append(float(oracle.backward(x, y).loss))
         opt.step()
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_strict_augmented_raises_on_a_non_convex_state_problem():
+    """kappa = 0 with a large beta gamma makes beta r^T tanh(y) + ||y - x||^2/(2 gamma) non-convex."""
+    model, x, y = mlp(act=nn.Tanh)
+    x = x.clone().requires_grad_(True)
+    rule = Augmented(kappa=0.0, beta=1.0, gamma=50.0, alpha=1.0, strict=True)
+    with pytest.raises(mg.rules.SolverError, match=r"Augmented: the state subproblem of stage \d+ \(Tanh\)"):
+        mg.Oracle(model, mg.losses.SquaredLoss(), mg.rules.Rule(rule, rule, rule)).backward(x, y)

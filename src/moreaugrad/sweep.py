@@ -57,6 +57,11 @@ class Site:
         return self.stage.index + 1
 
     @property
+    def label(self) -> str:
+        """``stage t (Type)``, for messages."""
+        return f"stage {self.t} ({self.stage.type_name})"
+
+    @property
     def needs_state(self) -> bool:
         return self.x_prev.requires_grad
 

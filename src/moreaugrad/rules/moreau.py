@@ -33,6 +33,14 @@ class SolverError(RuntimeError):
     """An inner solve hit a non-finite iterate or a subproblem that is not strongly convex."""
 
 
+def check_solve(owner: str, strict: bool, where: str, info: SolveInfo | None) -> None:
+    """Under ``strict``, raise :class:`SolverError` for a non-finite iterate or a subproblem that is
+    not strongly convex (an iteration cap is only reported). ``where`` names the subproblem."""
+    if strict and info is not None and info.converged is False and info.message != CAP:
+        raise SolverError(f"{owner}: the {where} failed: {info.message} "
+                          f"(after {info.iterations} iterations, residual {info.residual:.3g})")
+
+
 # -- schedules ----------------------------------------------------------------------------------
 
 
@@ -182,8 +190,7 @@ class Moreau(LineRule):
         gamma, beta = self.schedule.dual(horizon, horizon)
         entry = lookup(self, "objective", h) if self.closed_forms else GENERIC["objective"]
         env, info = entry(self, h, output.detach(), target, gamma)
-        if self.strict and _failed(info):
-            raise SolverError(f"moreau: the objective subproblem failed: {info.message}")
+        check_solve("moreau", self.strict, "objective subproblem", info)
         return loss.detach(), Dual(beta * env), info
 
     def _entry(self, line: str, site: Any) -> Any:
@@ -193,24 +200,13 @@ class Moreau(LineRule):
 
     def state(self, site: Any, signal: Signal) -> StateUpdate:
         update = self._entry("state", site)(self, site, signal)
-        self._check(site, "state", update.info)
+        check_solve("moreau", self.strict, f"state subproblem of {site.label}", update.info)
         return update
 
     def weight(self, site: Any, signal: Signal) -> WeightUpdate:
         update = self._entry("weight", site)(self, site, signal)
-        self._check(site, "weight", update.info)
+        check_solve("moreau", self.strict, f"weight subproblem of {site.label}", update.info)
         return update
-
-    def _check(self, site: Any, line: str, info: SolveInfo | None) -> None:
-        if self.strict and _failed(info):
-            raise SolverError(f"moreau: the {line} subproblem of stage {site.t} "
-                              f"({site.stage.type_name}) failed: {info.message} "
-                              f"(after {info.iterations} iterations, residual {info.residual:.3g})")
-
-
-def _failed(info: SolveInfo | None) -> bool:
-    """A non-finite iterate or a subproblem that is not strongly convex (not a mere iteration cap)."""
-    return info is not None and info.converged is False and info.message != CAP
 
 
 # -- generic entries: any stage, any objective --------------------------------------------------

@@ -30,10 +30,10 @@ from torch import Tensor, nn
 
 from .. import envelope
 from ..lstsq import CG, Exact, Method, solve_state, solve_weight
-from ..solvers import CAP, LBFGS, gdot
+from ..solvers import LBFGS, gdot
 from ..types import Signal, SolveInfo, StateUpdate, Target, WeightUpdate
 from .grad import Grad, check_positive, grad_weight, objective_value, regularized
-from .moreau import LINEAR, Moreau, SolverError
+from .moreau import LINEAR, Moreau, check_solve
 from .registry import LineRule, lookup, register
 
 INF = math.inf
@@ -189,11 +189,6 @@ class Augmented(LineRule):
     def step(self) -> float:
         return self.alpha if self.alpha < INF else 1.0
 
-    def _report(self, site: Any, line: str, info: SolveInfo | None) -> None:
-        if self.strict and info is not None and info.converged is False and info.message != CAP:
-            raise SolverError(f"{type(self).__name__}: the {line} subproblem of stage {site.t} "
-                              f"({site.stage.type_name}) failed: {info.message}")
-
     def objective(self, h: Any, output: Tensor, target: Any, horizon: int) -> tuple[Tensor, Signal, Any]:
         """``x_tau^+ = x_tau - grad env(h / m)(x_tau)``, ``m = kappa + 1/gamma`` (Algo 9, 11, 13)."""
         loss, _ = objective_value(h, output, target)
@@ -201,16 +196,17 @@ class Augmented(LineRule):
         z = output.detach()
         moreau = Moreau(solver=self.solver)
         env, info = lookup(moreau, "objective", h)(moreau, h, z, target, 1 / m)
+        check_solve(type(self).__name__, self.strict, "objective subproblem", info)
         return loss.detach(), Target(z - env), info
 
     def state(self, site: Any, signal: Signal) -> StateUpdate:
         update = lookup(self, "state", site.stage.module)(self, site, signal)
-        self._report(site, "state", update.info)
+        check_solve(type(self).__name__, self.strict, f"state subproblem of {site.label}", update.info)
         return update
 
     def weight(self, site: Any, signal: Signal) -> WeightUpdate:
         update = lookup(self, "weight", site.stage.module)(self, site, signal)
-        self._report(site, "weight", update.info)
+        check_solve(type(self).__name__, self.strict, f"weight subproblem of {site.label}", update.info)
         return update
 
     def terms(self, site: Any, signal: Signal) -> tuple[Tensor, Tensor, float, float]:
@@ -274,14 +270,20 @@ def augmented_piecewise_state(rule: Augmented, site: Any, signal: Signal) -> Sta
 _INVERSES = {nn.Tanh: (torch.atanh, -1.0, 1.0), nn.Sigmoid: (torch.logit, 0.0, 1.0)}
 
 
-@register(Augmented, "state", nn.Tanh, nn.Sigmoid)
+@register(Augmented, "state", nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Softplus)
 def augmented_smooth_state(rule: Augmented, site: Any, signal: Signal) -> StateUpdate:
-    """Plain target propagation inverts ``sigma`` exactly, clipping targets into its open range
-    (reported); with a proximal term the 1-D problems go to the generic solver."""
-    if rule.proximal:
+    """Smooth activations. With ``kappa = 0`` the problem is the Moreau one,
+    ``u = argmin (beta r / c) sigma(u) + (u - x)^2/2``, solved by the 1-D closed form (with its
+    exact strong-convexity check). Plain target propagation inverts Tanh and Sigmoid exactly,
+    clipping targets into the open range (reported). Anything else goes to the generic solver."""
+    xp, r, scale, kappa = rule.terms(site, signal)
+    if rule.proximal and kappa == 0:
+        x = site.x_prev.detach()
+        u, info = envelope.activation(site.stage.module).prox(x, (scale / rule.c_state) * r)
+        return StateUpdate(Target(u), info)
+    if rule.proximal or type(site.stage.module) not in _INVERSES:
         return augmented_generic_state(rule, site, signal)
     inv, lo, hi = _INVERSES[type(site.stage.module)]
-    xp, _, _, _ = rule.terms(site, signal)
     eps = torch.finfo(xp.dtype).eps ** 0.5
     clipped = (xp <= lo + eps) | (xp >= hi - eps)
     n = int(clipped.sum())
