@@ -77,9 +77,9 @@ class Monotone(nn.Module):
             :class:`AdaptiveSpacing` uses ``lower`` and ``upper`` to revive units stuck on a flat
             piece; without them it uses its base spacing everywhere.
 
-    The surrogate's Fenchel-Young gap (002 eq. 55) is computed by 16-point Gauss-Legendre quadrature
-    of ``int_v^u (sigma(s) - sigma(v)) ds``: exact to rounding for smooth ``fn``, approximate across
-    a kink.
+    The surrogate's Fenchel-Young gap (002 eq. 55) is computed by Gauss-Legendre quadrature of
+    ``int_v^u (sigma(s) - sigma(v)) ds`` (16 nodes per unit length of ``u - v``, at most 32 panels):
+    exact to rounding for a smooth ``fn``, approximate across a kink.
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor], lower: float = -INF, upper: float = INF):
@@ -143,17 +143,32 @@ _NODES = tuple(float(t) for t in (_NODES + 1) / 2)
 _WEIGHTS = tuple(float(w) for w in _WEIGHTS / 2)
 
 
-def _quadrature_gap(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    """``D(u, v) = (u - v) int_0^1 (sigma(v + s (u - v)) - sigma(v)) ds`` by Gauss-Legendre."""
+def _quadrature_gap(fn: Callable[[Tensor], Tensor],
+                    integral: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """``D(u, v) = (u - v) int_0^1 (sigma(v + s (u - v)) - sigma(v)) ds`` by Gauss-Legendre on
+    ``ceil(max |u - v|)`` panels (at most 32), which is exact to rounding for a smooth ``sigma`` and
+    free of the cancellation in ``F(u) - F(v) - sigma(v)(u - v)`` when ``u - v`` is small. With an
+    antiderivative ``F`` the closed form is used where ``|u - v| > 1`` instead."""
 
     def gap(u: Tensor, v: Tensor) -> Tensor:
         h, base = u - v, fn(v)
+        long = h.abs() > 1
+        panels = 1 if integral is not None else min(32, max(1, math.ceil(h.abs().max().item())))
         acc = torch.zeros_like(u)
-        for s, w in zip(_NODES, _WEIGHTS, strict=True):
-            acc = acc + w * (fn(v + s * h) - base)
-        return h * acc
+        for p in range(panels):
+            for s, w in zip(_NODES, _WEIGHTS, strict=True):
+                acc = acc + w * (fn(v + ((p + s) / panels) * h) - base)
+        d = h * acc / panels
+        if integral is None:
+            return d
+        return torch.where(long, (integral(u) - integral(v) - base * h).clamp_min(0), d)
 
     return gap
+
+
+def _log_cosh(x: Tensor) -> Tensor:
+    a = x.abs()
+    return a + F.softplus(-2 * a) - math.log(2.0)
 
 
 _RELU = Profile(torch.relu, _clip_gap(0.0, INF), 0.0, INF)
@@ -181,9 +196,9 @@ def profile(module: nn.Module) -> Profile:
     if isinstance(module, nn.Hardsigmoid):  # clip(u / 6 + 1/2, 0, 1) = clip(u, -3, 3) / 6 + 1/2
         return Profile(F.hardsigmoid, _clip_gap(-3.0, 3.0, 1 / 6), -3.0, 3.0)
     if isinstance(module, nn.Sigmoid):
-        return Profile(torch.sigmoid, _quadrature_gap(torch.sigmoid))
+        return Profile(torch.sigmoid, _quadrature_gap(torch.sigmoid, F.softplus))
     if isinstance(module, nn.Tanh):
-        return Profile(torch.tanh, _quadrature_gap(torch.tanh))
+        return Profile(torch.tanh, _quadrature_gap(torch.tanh, _log_cosh))
     raise NotImplementedError(type(module).__name__)  # pragma: no cover - the registry guards it
 
 
@@ -272,34 +287,53 @@ class StageSpacing(Spacing):
 
 @dataclass(frozen=True)
 class AdaptiveSpacing(Spacing):
-    """Per-sample, per-unit spacing that revives units stuck on a flat piece of ``sigma``.
+    """Per-sample, per-unit spacing that revives units stuck on a flat piece of ``sigma`` when a
+    sample's signal cannot otherwise cross the layer.
 
-    A unit is *stuck* when ``sigma`` is flat at ``u`` in the descent direction ``-g``: below
-    ``lower`` with ``g < 0`` (a dead ReLU asked to grow), or above ``upper`` with ``g > 0`` (a
-    saturated hard sigmoid asked to shrink). Backprop and FenBP with a small spacing pass nothing
-    back through it, and since its weights then get no direction either, it stays stuck: the
-    vanishing gradients of 002 Sec. 5. For such a unit at distance ``d`` from the kink this rule takes
-    the smallest spacing whose target ``u - tau g`` lands far enough beyond the kink for the secant of
-    ``sigma`` over ``[u - tau g, u]`` to have ``slope`` times the slope of the live piece:
+    A unit is *stuck* on a sample when ``sigma`` is flat at ``u`` in the descent direction ``-g``:
+    below ``lower`` with ``g < 0`` (a dead ReLU asked to grow), or above ``upper`` with ``g > 0`` (a
+    saturated hard sigmoid asked to shrink). Backprop, and FenBP with a small spacing, pass nothing
+    back through it. When most of a layer is stuck on a sample (all-negative weights, 002 Sec. 5),
+    that sample's signal vanishes there: nothing reaches the layers below and the stuck units' weights
+    get no direction, so they stay stuck. On such a sample - at most ``max_live`` of the stage's units
+    live - this rule gives each stuck unit, at distance ``d`` from its kink, the smallest spacing
+    whose target ``u - tau g`` lands far enough beyond the kink for the secant of ``sigma`` over
+    ``[u - tau g, u]`` to have ``slope`` times the slope of the live piece:
 
         ``tau = clip(delta / |g|, tau, tau_max)``,  ``delta = min(d / (1 - slope), d + w)``,
 
     where ``w = upper - lower`` is the width of the live piece (infinite for ReLU; the second bound
     keeps the target inside the live piece of a hard sigmoid, where the secant is steepest). For a
     ReLU the finite difference then passes ``lambda_{t-1} = slope * lambda_t``: the unit behaves as if
-    it had slope ``slope`` in the direction that revives it, whatever the depth ``d``, and its
-    incoming weights and bias move it toward its kink. ``slope = 1/2`` puts the target at the mirror
-    image ``2 lower - u`` of ``u``. The cap ``tau_max`` bounds how deep a dead unit may be to be
-    revived (``d <= (1 - slope) tau_max |g|``): a weak signal does not revive a deeply dead unit.
-    Every other unit - live, at a kink, or pushed further into its flat piece - gets the base spacing
-    ``tau``, so on live units the rule stays close to backprop (exactly backprop on the linear
-    pieces of a piecewise-linear ``sigma``). The spacing depends on ``u`` and ``g`` only through
-    ``d / |g|``, so rescaling the loss does not change which units are revived.
+    it had slope ``slope`` in the direction that revives it, whatever its depth ``d``; its weights and
+    bias move it toward the kink on that sample and the signal reaches the layers below. ``slope =
+    1/2`` puts the target at the mirror image ``2 lower - u``. The cap ``tau_max`` bounds how deep a
+    unit may be to be revived (``d <= (1 - slope) tau_max |g|``).
+
+    Every other unit - live, at a kink, pushed further into its flat piece, or stuck on a sample
+    whose layer is healthy - gets the base spacing ``tau``, which is close to backprop (exactly
+    backprop on the linear pieces of a piecewise-linear ``sigma`` while ``tau |g|`` is below the
+    distance to the kink). The ``max_live`` test matters: units that are dead on a given sample are
+    how a healthy ReLU network represents it, and reviving them all (``max_live=1``) biases every
+    direction (MNIST-1D, Glorot init, 40 epochs: 49% training error against backprop's 15%, while
+    ``max_live=0.25`` never fires there and gives 18%). The spacing depends on ``u`` and ``g`` only
+    through ``d / |g|`` and the live set, so rescaling the loss does not change which units are
+    revived.
+
+    On the all-negative MLP of ``tests/test_fenchel.py`` (digits, 002 Sec. 5) the defaults reach 30%
+    training error in 20-24 epochs (seeds 0-7) and at most 0.1% within 40 (``slope=0.5`` or
+    ``max_live=1``: 23-26 epochs; ``max_live=0.1``: 26-27).
+    The escape from the all-negative weights, not the dead units, sets the pace: backprop on the same
+    network with LeakyReLU(0.1), which has no dead units, needs 17 epochs, and no spacing can do much
+    better, since a finite difference of a 1-Lipschitz ``sigma`` passes on at most what it receives
+    (``|lambda_{t-1}| <= |lambda_t|``).
 
     Args:
         tau: the base spacing (> 0), per-sample units.
         tau_max: the cap (>= tau; ``math.inf`` allowed), per-sample units.
         slope: the secant slope ``rho`` in (0, 1) asked of a revived unit, relative to the live piece.
+        max_live: revive on a sample only when at most this fraction (in [0, 1]) of the stage's units
+            are live on it (``lower < u < upper``); 1 revives every stuck unit.
 
     Stages without flat pieces (LeakyReLU, sigmoid, tanh, a :class:`Monotone` without ``lower`` and
     ``upper``) and non-activation stages get ``tau``.
@@ -307,7 +341,8 @@ class AdaptiveSpacing(Spacing):
 
     tau: float = 0.1
     tau_max: float = 100.0
-    slope: float = 0.5
+    slope: float = 0.9
+    max_live: float = 0.25
 
     def __post_init__(self) -> None:
         check_positive("AdaptiveSpacing", "tau", self.tau)
@@ -318,13 +353,20 @@ class AdaptiveSpacing(Spacing):
         if isinstance(self.slope, bool) or not isinstance(self.slope, int | float) \
                 or not 0 < self.slope < 1:
             raise ValueError(f"AdaptiveSpacing: slope must be in (0, 1), got {self.slope!r}")
+        if isinstance(self.max_live, bool) or not isinstance(self.max_live, int | float) \
+                or not 0 <= self.max_live <= 1:
+            raise ValueError(f"AdaptiveSpacing: max_live must be in [0, 1], got {self.max_live!r}")
 
     def __call__(self, site: Any, u: Tensor, g: Tensor, prof: Profile | None) -> float | Tensor:
-        if prof is None or (prof.lower == -INF and prof.upper == INF):
+        if prof is None or (prof.lower == -INF and prof.upper == INF) or u.dim() == 0:
             return self.tau
+        low, high = u < prof.lower, u > prof.upper
+        live = (u > prof.lower) & (u < prof.upper)
+        share = live.reshape(u.shape[0], -1).to(u.dtype).mean(1).reshape(-1, *[1] * (u.dim() - 1))
+        starved = share <= self.max_live
         zero = torch.zeros((), dtype=u.dtype, device=u.device)
-        d = torch.where((u < prof.lower) & (g < 0), prof.lower - u, zero)
-        d = torch.where((u > prof.upper) & (g > 0), u - prof.upper, d)
+        d = torch.where(low & (g < 0) & starved, prof.lower - u, zero)
+        d = torch.where(high & (g > 0) & starved, u - prof.upper, d)
         delta = torch.minimum(d / (1 - self.slope), d + (prof.upper - prof.lower))
         # |g| > 0 wherever d > 0; elsewhere delta = 0 and the clamp gives the base spacing.
         tau = delta / g.abs().clamp_min(torch.finfo(u.dtype).tiny)
@@ -455,7 +497,7 @@ def affine_state(rule: FiniteDifference, site: Any, signal: Signal) -> StateUpda
     """``lambda_{t-1} = d_x phi_t^T lambda_t`` (002 eq. 56); an output stage reports the identity
     activation's term of 002 eq. 59."""
     lam = signal.dual(site.x.detach())
-    dx, _ = site.vjp(lam)
+    dx, _ = site.vjp(lam, weights=False)
     if not (rule.surrogate and site.t == site.horizon):
         return StateUpdate(Dual(dx), SurrogateInfo("vjp"))
     u = site.x_prev.detach()
@@ -510,7 +552,7 @@ class PenaltyEnergy(LineRule):
 def penalty_state(rule: PenaltyEnergy, site: Any, signal: Signal) -> StateUpdate:
     """``lambda_{t-1} = d_x phi_t^T lambda_t`` (002 eq. 52-54)."""
     lam = signal.dual(site.x.detach())
-    dx, _ = site.vjp(lam)
+    dx, _ = site.vjp(lam, weights=False)
     info = SurrogateInfo("vjp") if site.stage.has_weights else rule._report(site, lam, "vjp")
     return StateUpdate(Dual(dx), info)
 
