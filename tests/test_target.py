@@ -299,6 +299,8 @@ PRESETS = {
     "regularized_target_prop": lambda: mg.rules.regularized_target_prop(1.0, 0.5, 0.5),
     "augmented_lagrangian": lambda: mg.rules.augmented_lagrangian(1e-2, 0.5, 0.5, 0.5),
     "moreau": lambda: mg.rules.moreau(),
+    "backprop": lambda: mg.rules.backprop(),
+    "fenchel": lambda: mg.rules.fenchel(tau=0.5),
 }
 
 
