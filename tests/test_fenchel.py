@@ -50,7 +50,7 @@ def mlp(act, batch, seed=0, width=16, classes=4):
 
 
 def run(model, x, y, rule, objective=None):
-    return mg.Oracle(model, objective or mg.losses.CrossEntropy(), rule)._run(x, y)
+    return mg.Oracle(model, objective or mg.losses.CrossEntropy(), rule)(x, y)
 
 
 def flat(result):
@@ -125,10 +125,10 @@ def test_fenbp_tends_to_backprop_at_rate_tau_piecewise(name):
 def test_fenchel_runs_on_every_chain_and_tends_to_backprop(name):
     case = make(name)
     chain = as_chain(case.model)
-    bp = flat(mg.Oracle(chain, case.objective, mg.rules.backprop())._run(case.x, case.y))
+    bp = flat(mg.Oracle(chain, case.objective, mg.rules.backprop())(case.x, case.y))
     errs = []
     for tau in (1e-3, 1e-4):
-        result = mg.Oracle(chain, case.objective, fenchel(tau))._run(case.x, case.y)
+        result = mg.Oracle(chain, case.objective, fenchel(tau))(case.x, case.y)
         d = flat(result)
         assert torch.isfinite(d).all() and d.dtype == DTYPE
         errs.append(rel_err(d, bp))
@@ -144,7 +144,7 @@ def _input_signal(act, u, lam, tau):
     chain = mg.Chain(nn.Sequential(act))
     x = u.clone().requires_grad_(True)
     target = (act(u) - lam * u.shape[0]).detach()  # SquaredLoss: lambda = (z - target) / B = lam
-    result = mg.Oracle(chain, mg.losses.SquaredLoss(), fenchel(tau))._run(x, target)
+    result = mg.Oracle(chain, mg.losses.SquaredLoss(), fenchel(tau))(x, target)
     return result.input_signal.value
 
 
@@ -350,7 +350,7 @@ def test_penalty_energies_give_backprop(name):
     ref = twin(case.model)
     chain = as_chain(case.model)
     taus = {t: 0.3 * 1.5 ** t for t in range(1, len(chain) + 1)}
-    result = mg.Oracle(chain, case.objective, contrastive_backprop(StageSpacing(taus)))._run(case.x, case.y)
+    result = mg.Oracle(chain, case.objective, contrastive_backprop(StageSpacing(taus)))(case.x, case.y)
     xs = plain_states(name, ref, case.x)
     loss = case.objective(xs[-1], case.y)
     grads = torch.autograd.grad(loss, xs[1:] + [p for _, p in params(ref)], allow_unused=True)

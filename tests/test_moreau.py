@@ -47,7 +47,7 @@ CHAINS = {"mlp_separate": mlp_separate, "mlp_grouped": mlp_grouped, "convnet": c
 
 
 def directions(model, x, y, h, rule, regularizer=None):
-    result = mg.Oracle(model, h, rule, regularizer)._run(x, y)
+    result = mg.Oracle(model, h, rule, regularizer)(x, y)
     flat = torch.cat([d.flatten() for ds in result.directions if ds for d in ds.values()])
     return flat, result
 
@@ -128,7 +128,7 @@ def test_oracle_on_f_of_g_versus_the_envelope_of_the_composition():
     for alpha in (0.4, 0.2, 0.1, 0.05):
         x_var = x.clone().requires_grad_(True)
         oracle = mg.Oracle(g, h, exact(Lagrangian(gamma=alpha, alpha=alpha)))
-        approx = alpha * oracle._run(x_var, y).input_signal.value
+        approx = alpha * oracle(x_var, y).input_signal.value
 
         def fun(z, alpha=alpha):
             return (alpha * h(g(x + z[0]), y) + 0.5 * z[0].pow(2).sum()).reshape(1)
@@ -229,7 +229,7 @@ def test_strict_raises_on_a_non_convex_subproblem():
     rule = moreau(schedule=Paper(gamma=50.0, alpha=1.0), strict=True)
     with pytest.raises(SolverError, match=r"state subproblem of stage \d+ \((Tanh|Softplus)\)"):
         mg.Oracle(model, h, rule).backward(x, y)
-    loose = mg.Oracle(model, h, moreau(schedule=Paper(gamma=50.0, alpha=1.0)))._run(x, y)
+    loose = mg.Oracle(model, h, moreau(schedule=Paper(gamma=50.0, alpha=1.0)))(x, y)
     assert any(i.state is not None and "not strongly convex" in i.state.message for i in loose.info)
 
 
@@ -258,7 +258,7 @@ def test_morgd_on_the_pendulum_decreases_monotonically():
 
     def run(alpha):
         oracle = mg.Oracle(p.chain(), p.objective, moreau(gamma=0.5, alpha=alpha))
-        return [oracle.step().loss.item() for _ in range(iters)] + [oracle._run(None, None).loss.item()]
+        return [oracle.step().loss.item() for _ in range(iters)] + [oracle(None, None).loss.item()]
 
     grid = {2.0 ** k: run(2.0 ** k) for k in range(5, 11, 1)}
     finite = {a: c for a, c in grid.items() if all(math.isfinite(v) for v in c)}

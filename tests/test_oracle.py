@@ -256,3 +256,17 @@ def test_non_leaf_input_signal_reaches_leaf():
     assert_rel_close(base.grad, ref_base.grad, 1e-10)
     for p, q in zip(case.model.parameters(), ref.parameters(), strict=True):
         assert_rel_close(p.grad, q.grad, 1e-10)
+
+
+def test_calling_the_oracle_has_no_side_effect_on_grad_or_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.arange(5) % 2
+    before = [p.detach().clone() for p in model.parameters()]
+    oracle = mg.Oracle(model, mg.losses.CrossEntropy())
+    result = oracle(x, y)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    oracle.backward(x, y)
+    flat = [d for ds in result.directions if ds for d in ds.values()]
+    for p, d in zip(model.parameters(), flat, strict=True):
+        torch.testing.assert_close(p.grad, d, rtol=0, atol=0)

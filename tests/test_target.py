@@ -18,7 +18,7 @@ F64 = torch.float64
 
 
 def flat_directions(model, x, y, h, rule, regularizer=None):
-    result = mg.Oracle(model, h, rule, regularizer)._run(x, y)
+    result = mg.Oracle(model, h, rule, regularizer)(x, y)
     return torch.cat([d.flatten() for ds in result.directions if ds for d in ds.values()]), result
 
 
@@ -216,7 +216,7 @@ def test_target_propagation_inverts_an_invertible_linear_chain():
     h = mg.losses.SquaredLoss()
     oracle = mg.Oracle(model, h, mg.rules.target_prop(kappa=1.0))
     xin = x.clone().requires_grad_(True)
-    result = oracle._run(xin, y)
+    result = oracle(xin, y)
     x0_plus = result.input_signal.value
     # the objective target: argmin h(z) + 1/2 ||z - x_tau||^2 (squared loss, mean over B = 4)
     c = 1 / 4
@@ -265,7 +265,7 @@ def test_network_inversion_targets_reduce_the_objective():
     # 000 App. F.1's parameters: gamma = 1e2, beta = 1e-2, kappa = 1e-6 (augmented Lagrangian)
     inv = mg.Oracle(model, h, mg.rules.augmented_lagrangian(kappa=1e-6, beta=1e-2, gamma=1e2, alpha=1.0))
     x_var = x.clone().requires_grad_(True)
-    result = inv._run(x_var, wanted)
+    result = inv(x_var, wanted)
     with torch.no_grad():
         after = float(h(model(result.input_signal.value), wanted))
     assert after < 0.5 * before, (before, after)
@@ -309,7 +309,7 @@ PRESETS = {
 def test_every_preset_runs_on_every_chain(preset, name):
     case = make(name)
     rule = PRESETS[preset]()
-    result = mg.Oracle(case.model, case.objective, rule)._run(case.x, case.y)
+    result = mg.Oracle(case.model, case.objective, rule)(case.x, case.y)
     assert math.isfinite(float(result.loss))
     flat = [d for ds in result.directions if ds for d in ds.values()]
     assert flat and all(bool(torch.isfinite(d).all()) for d in flat)

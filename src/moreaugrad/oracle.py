@@ -119,6 +119,12 @@ class Oracle:
             input_signal=out.signals[0] if x.requires_grad else None,
         )
 
+    def __call__(self, x: Tensor | None = None, y: Any = None) -> OracleResult:
+        """The oracle itself: loss, directions, signals and solve reports, with no side effect on
+        ``.grad`` or the weights (the forward pass still updates buffers such as batch-norm
+        statistics, as any forward does)."""
+        return self._run(x, y)
+
     def backward(self, x: Tensor | None = None, y: Any = None) -> OracleResult:
         """Accumulate each stage's direction ``d_t`` into ``p.grad``, like ``loss.backward()``.
 
