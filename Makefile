@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: venv
-	$(PYTHON) experiments/demo_digits.py
+	$(VENV)/bin/moreaugrad demo --out runs/demo
 
 test: venv
 	$(PYTHON) -m pytest

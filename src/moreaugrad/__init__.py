@@ -6,7 +6,7 @@
     opt.zero_grad(); oracle.backward(x, y); opt.step()
 """
 
-from . import control, losses, lstsq, rules, solvers
+from . import control, data, losses, lstsq, rules, solvers
 from .chain import Chain, Stage
 from .oracle import NonFiniteError, Oracle, OracleResult
 from .types import Dual, SolveInfo, Target
@@ -23,6 +23,7 @@ __all__ = [
     "Stage",
     "Target",
     "control",
+    "data",
     "losses",
     "lstsq",
     "rules",

@@ -1,0 +1,77 @@
+"""A config's method: an oracle rule from ``mg.rules`` and how its directions are used.
+
+``optimizer = "step"`` is the paper's own update, ``Oracle.step`` (GD and MorGD with step ``lr`` or
+``alpha``; MorSGD and AL-MSGD on mini-batches); ``"sgd"`` and ``"adam"`` feed ``Oracle.backward``'s
+directions to ``torch.optim`` (004 Sec. 5; 001 Sec. 3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import moreaugrad as mg
+
+RULES = ("backprop", "moreau", "proxprop", "augmented_lagrangian", "target_prop",
+         "regularized_target_prop")
+OPTIMIZERS = ("step", "sgd", "adam")
+SCHEDULES = {"paper": mg.rules.Paper, "geometric": mg.rules.Geometric, "lagrangian": mg.rules.Lagrangian}
+KEYS = {"rule", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "betas", "label", "enabled",
+        "gamma", "alpha", "beta", "kappa", "rho", "schedule", "tau", "tau_theta", "cg", "step"}
+
+
+def _method(spec: dict[str, Any]) -> Any:
+    cg = spec.get("cg", 3)
+    return mg.lstsq.Exact() if cg == "exact" else mg.lstsq.CG(int(cg))
+
+
+def rule(spec: dict[str, Any]) -> Any:
+    """The ``mg.rules`` preset a method spec names, with its parameters.
+
+    ``augmented_lagrangian`` takes ``gamma`` or ``rho`` with ``gamma = rho * alpha`` (000 App. F.2
+    couples the state step to the weight step this way).
+    """
+    name = spec["rule"]
+    unknown = sorted(set(spec) - KEYS)
+    if unknown:
+        raise ValueError(f"method {spec.get('label', name)!r}: unknown keys {unknown}; "
+                         f"known: {sorted(KEYS)}")
+    if name == "backprop":
+        return mg.rules.backprop(step=spec.get("lr", 1.0))
+    if name == "moreau":
+        sched = spec.get("schedule", "paper")
+        if sched not in SCHEDULES:
+            raise ValueError(f"method moreau: schedule must be one of {sorted(SCHEDULES)}, got {sched!r}")
+        return mg.rules.moreau(schedule=SCHEDULES[sched](spec.get("gamma", 0.5), spec.get("alpha", 2.0)))
+    if name == "proxprop":
+        tau = spec.get("tau", spec.get("lr", 1.0))
+        return mg.rules.proxprop(spec.get("tau_theta", 1.0), tau, _method(spec))
+    if name == "augmented_lagrangian":
+        alpha = spec.get("alpha", 1.0)
+        gamma = spec["rho"] * alpha if "rho" in spec else spec.get("gamma", 1.0)
+        return mg.rules.augmented_lagrangian(spec.get("kappa", 1e-5), spec.get("beta", 1.0), gamma, alpha)
+    if name == "target_prop":
+        return mg.rules.target_prop(spec.get("kappa", 1.0))
+    if name == "regularized_target_prop":
+        return mg.rules.regularized_target_prop(spec.get("kappa", 1.0), spec.get("gamma", 1.0),
+                                                spec.get("alpha", 1.0))
+    raise ValueError(f"method: rule must be one of {RULES}, got {name!r}")
+
+
+def optimizer(spec: dict[str, Any], params: Any) -> torch.optim.Optimizer | None:
+    """The ``torch.optim`` optimizer of a method, or None for ``"step"`` (``Oracle.step``)."""
+    name = spec.get("optimizer", "step")
+    if name == "step":
+        return None
+    lr = spec.get("lr")
+    if lr is None:
+        raise ValueError(f"method {spec.get('label', spec['rule'])!r}: optimizer {name!r} needs lr")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=spec.get("momentum", 0.0),
+                               nesterov=spec.get("nesterov", False),
+                               weight_decay=spec.get("weight_decay", 0.0))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(spec.get("betas", (0.9, 0.999))),
+                                weight_decay=spec.get("weight_decay", 0.0))
+    raise ValueError(f"method: optimizer must be one of {OPTIMIZERS}, got {name!r}")

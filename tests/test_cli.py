@@ -1,0 +1,326 @@
+"""The ``moreaugrad`` command line and its runner: every experiment config runs at ``--smoke`` size and
+writes complete results and figures; an interrupted run (KeyboardInterrupt, SIGKILL) resumes to the same
+results as an uninterrupted one; writes are atomic; errors name what is wrong."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from moreaugrad import cli, runner
+from moreaugrad.runner import store
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "experiments").glob("*.toml"))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """``cli.main`` sets torch's thread count (``--threads``); give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def strip_timings(obj):
+    """Results without wall-clock data, which is the only thing two equal runs may differ in."""
+    if isinstance(obj, dict):
+        return {k: strip_timings(v) for k, v in obj.items() if k not in ("timings", "finished", "created")}
+    if isinstance(obj, list):
+        return [strip_timings(v) for v in obj]
+    return obj
+
+
+def check_results(out: Path, scale: str = "smoke") -> dict:
+    """The result files hold what they promise: keys, curve lengths, finite numbers, figures."""
+    results = json.loads((out / "results.json").read_text())
+    exp = runner.load(results["experiment"]["source"], scale)
+    assert results["status"] == "complete" and results["scale"] == scale
+    assert set(results) >= {"config", "versions", "seed", "device", "timings", "jobs", "selected", "panels"}
+    assert results["versions"]["torch"] and results["versions"]["moreaugrad"]
+    assert results["timings"]["wall_s"] > 0
+    run_panels = [p for p, i in results["panels"].items() if not i["skipped"]]
+    assert run_panels, "every panel was skipped"
+    expected = [j for j in exp.jobs if j.panel in run_panels]
+    assert [r["id"] for r in results["jobs"]] == [j.id for j in expected]
+    for rec in results["jobs"]:
+        panel = exp.panels[rec["panel"]]
+        length = (panel["iterations"] if panel["kind"] == "control" else panel["epochs"]) + 1
+        assert set(rec["curves"]) >= {"loss"}
+        if panel["kind"] == "train":
+            assert set(rec["curves"]) >= {"test_accuracy", "test_loss", "val_accuracy"}
+        for name, curve in rec["curves"].items():
+            if rec["diverged"]:
+                assert 1 <= len(curve) <= length
+            else:
+                assert len(curve) == length, (rec["id"], name)
+            assert all(isinstance(v, float) and math.isfinite(v) for v in curve), (rec["id"], name)
+            best = rec["best"][name]
+            assert len(best) == len(curve)
+            pick = max if name.endswith("accuracy") else min
+            assert all(b == pick(curve[: i + 1]) for i, b in enumerate(best))
+        assert len(rec["timings"]["elapsed_s"]) == len(rec["curves"]["loss"])
+        assert rec["updates"] >= (0 if rec["diverged"] else length - 1)
+    for pname in run_panels:
+        for method in exp.panels[pname]["methods"]:
+            jid = results["selected"][pname][method]
+            tried = [r for r in results["jobs"] if r["panel"] == pname and r["method"] == method]
+            assert jid is not None or all(r["diverged"] for r in tried)
+    pngs = sorted(out.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000 for p in pngs)
+    assert (out / "loss.png").is_file()
+    summary = (out / "summary.md").read_text()
+    assert results["experiment"]["title"] in summary and "| panel | method |" in summary
+    assert not list(out.glob("**/*.tmp")) and not list((out / "state").glob("*.pt"))
+    return results
+
+
+def finite_numbers(obj) -> int:
+    """How many numbers a JSON document holds; fails on a non-finite one."""
+    if isinstance(obj, float):
+        assert math.isfinite(obj)
+        return 1
+    if isinstance(obj, dict):
+        return sum(finite_numbers(v) for v in obj.values())
+    if isinstance(obj, list):
+        return sum(finite_numbers(v) for v in obj)
+    return 0
+
+
+def check_script_outputs(out: Path) -> None:
+    """A script experiment (002 Fig. 1) writes its own results.json and figures."""
+    results = json.loads((out / "results.json").read_text())
+    assert finite_numbers(results) > 10
+    pngs = list(out.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_runs_at_smoke_size(config, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["run", str(config), "--smoke", "--out", str(out), "--quiet",
+                     "--data-dir", str(tmp_path / "no-data")])
+    assert code == 0
+    if isinstance(runner.load(config, "smoke"), runner.config.Script):
+        check_script_outputs(out)
+        return
+    results = check_results(out)
+    printed = capsys.readouterr().out
+    assert results["experiment"]["title"] in printed
+    table = results["config"].get("table", "none")
+    summary = (out / "summary.md").read_text()
+    if table == "grid":
+        assert "over the grid ('-': diverged)" in summary
+        # Every method has one cell per step size: a number or '-'.
+        lines = [ln for ln in summary.splitlines() if ln.startswith("| ProxProp (cg3) |")]
+        cells = lines[0].strip("|").split("|")[1:]
+        assert len(cells) == len(results["config"]["methods"]["cg3"]["lr"])
+        assert all(c.strip() == "-" or math.isfinite(float(c)) for c in cells)
+    if table == "selected":
+        assert "## Table" in summary and "AL-MSGD: selected" in summary
+
+
+def test_demo_config_at_smoke_size(tmp_path):
+    results = runner.run_config(runner.demo_config(), tmp_path / "demo", scale="smoke", log=lambda s: None)
+    check_results(tmp_path / "demo")
+    assert set(results["selected"]) == {"pendulum", "digits_sgd", "digits_adam"}
+    assert {r["method"] for r in results["jobs"]} == {"GD", "MorGD", "SGD", "MorSGD", "Adam", "Adam-ProxProp"}
+
+
+@pytest.mark.parametrize("command", ["demo", "run", "plot", "list"])
+def test_help_and_common_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--seed", "--device", "--out"):
+        assert option in text
+
+
+def test_list_shows_every_experiment(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for config in CONFIGS:
+        assert config.stem in out
+    assert "invalid" not in out
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+TINY = """
+name = "tiny"
+title = "tiny resume check"
+select = "final"
+[panels.digits]
+dataset = {name = "digits", train_size = 96, test_size = 32}
+model = {kind = "mlp", hidden = [8]}
+epochs = 3
+batch_size = 32
+methods = ["SGD", "Adam"]
+[panels.pendulum]
+kind = "control"
+horizon = 6
+iterations = 5
+checkpoint_every = 2
+methods = ["MorGD"]
+[methods.SGD]
+rule = "backprop"
+optimizer = "sgd"
+momentum = 0.9
+lr = [0.1, 0.3]
+[methods.Adam]
+rule = "proxprop"
+cg = 2
+optimizer = "adam"
+lr = 0.01
+[methods.MorGD]
+rule = "moreau"
+optimizer = "step"
+gamma = 0.5
+alpha = 8.0
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def interrupt_at(job: str, update: int):
+    def callback(job_id: str, n: int) -> None:
+        if job_id == job and n == update:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+@pytest.mark.parametrize("job, update", [
+    ("digits.SGD.001", 5),      # mid second epoch (3 updates per epoch) of the second grid point
+    ("digits.Adam.000", 8),     # optimizer state (Adam moments) and batch order restored
+    ("pendulum.MorGD.000", 4),  # control: checkpoint every 2 iterations
+])
+def test_interrupted_run_resumes_to_the_same_results(tiny, tmp_path, job, update):
+    reference = runner.run_config(tiny, tmp_path / "a", seed=5, log=lambda s: None)
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_config(tiny, out, seed=5, callback=interrupt_at(job, update), log=lambda s: None)
+    assert (out / "state" / f"{job}.pt").is_file(), "no checkpoint of the interrupted job"
+    partial = store.read_json(out / "results.json") if (out / "results.json").exists() else None
+    assert partial is None or partial["status"] == "running"
+    logs = []
+    resumed = runner.run_config(tiny, out, seed=5, log=logs.append)
+    assert logs and logs[0].startswith("resuming tiny")
+    assert strip_timings(resumed) == strip_timings(reference)
+    assert not (out / "state" / f"{job}.pt").exists()
+
+
+def test_killed_run_resumes_to_the_same_results(tiny, tmp_path):
+    """A real SIGKILL after the first checkpoints, then the same command line again."""
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    args = ["run", str(tiny), "--seed", "2", "--quiet", "--threads", "1"]
+    kill = textwrap.dedent(f"""
+        import os, signal, torch
+        from moreaugrad import runner
+        torch.set_num_threads(1)
+        def callback(job, n):
+            if job == "digits.Adam.000" and n == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+        runner.run_config({str(tiny)!r}, {str(tmp_path / 'killed')!r}, seed=2, callback=callback)
+    """)
+    proc = subprocess.run([sys.executable, "-c", kill], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (tmp_path / "killed" / "state" / "digits.Adam.000.pt").is_file()
+    for out in ("killed", "clean"):
+        proc = subprocess.run([sys.executable, "-m", "moreaugrad.cli", *args, "--out", str(tmp_path / out)],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert ("resuming tiny" in proc.stdout) == (out == "killed")
+    killed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    clean = json.loads((tmp_path / "clean" / "results.json").read_text())
+    assert strip_timings(killed) == strip_timings(clean)
+
+
+def test_ctrl_c_in_the_cli_says_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.engine, "run", interrupted)
+    code = cli.main(["run", str(tiny), "--out", str(tmp_path / "x"), "--quiet"])
+    assert code == cli.EXIT_INTERRUPTED
+    assert "Rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_another_run_in_the_same_folder_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    runner.run_config(tiny, out, seed=0, log=lambda s: None)
+    code = cli.main(["run", str(tiny), "--out", str(out), "--seed", "1", "--quiet"])
+    assert code == 2
+    assert "holds another run (different seed)" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(runner.RunMismatchError, match="not empty"):
+        runner.run_config(tiny, tmp_path / "other", log=lambda s: None)
+
+
+def test_plot_redraws_from_results(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    runner.run_config(tiny, out, log=lambda s: None)
+    for f in [*out.glob("*.png"), out / "summary.md"]:
+        f.unlink()
+    assert cli.main(["plot", str(out)]) == 0
+    assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC and (out / "summary.md").is_file()
+    assert "tiny resume check" in capsys.readouterr().out
+    assert cli.main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_missing_required_data_is_an_error(tmp_path, capsys):
+    config = tmp_path / "needs_mnist.toml"
+    config.write_text(TINY.replace('dataset = {name = "digits", train_size = 96, test_size = 32}',
+                                   'dataset = "mnist"'))
+    code = cli.main(["run", str(config), "--out", str(tmp_path / "r"), "--quiet",
+                     "--data-dir", str(tmp_path / "absent")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and str(tmp_path / "absent") in err
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY + "\n[smoke.panels.nope]\nepochs = 1\n")
+    with pytest.raises(runner.ConfigError, match=r"\[smoke.panels\] names panels that do not exist"):
+        runner.load(bad, "smoke")
+    bad.write_text(TINY.replace('methods = ["MorGD"]', 'methods = ["MorGB"]'))
+    with pytest.raises(runner.ConfigError, match="panels.pendulum.methods names unknown methods"):
+        runner.load(bad)
+    bad.write_text(TINY.replace("lr = [0.1, 0.3]", "lr = {pow2 = [3, 1]}"))
+    with pytest.raises(runner.ConfigError, match="pow2 must be"):
+        runner.load(bad)
+    with pytest.raises(runner.ConfigError, match="no config 'nothing'"):
+        runner.config.find("nothing", [tmp_path])
+
+
+def test_atomic_writes_leave_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    store.write_json(path, {"a": 1.0, "b": float("nan")})
+    assert json.loads(path.read_text()) == {"a": 1.0, "b": None}
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_json(path, {"a": 2.0})
+    assert json.loads(path.read_text()) == {"a": 1.0, "b": None}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
