@@ -342,3 +342,35 @@ def test_strict_augmented_raises_on_a_non_convex_state_problem():
     rule = Augmented(kappa=0.0, beta=1.0, gamma=50.0, alpha=1.0, strict=True)
     with pytest.raises(mg.rules.SolverError, match=r"Augmented: the state subproblem of stage \d+ \(Tanh\)"):
         mg.Oracle(model, mg.losses.SquaredLoss(), mg.rules.Rule(rule, rule, rule)).backward(x, y)
+
+
+def test_proxprop_last_stage_reads_targets_in_its_own_units():
+    """With target signals (penalty backprop on the state line), the explicit last stage of ProxProp
+    still returns the gradient, as the dual-signal path does."""
+    model, x, y = mlp()
+    h = mg.losses.CrossEntropy()
+    tau = 0.3
+    _, bp = flat_directions(model, x, y, h, mg.rules.backprop())
+    mixed = mg.rules.Rule(objective=mg.rules.Explicit(tau), state=mg.rules.Explicit(tau),
+                          weight=Proximal(tau_theta=1.0, tau=tau))
+    _, pm = flat_directions(model, x, y, h, mixed)
+    last = len(model) - 1
+    for n in pm.directions[last]:
+        torch.testing.assert_close(pm.directions[last][n], bp.directions[last][n], rtol=1e-12, atol=1e-14)
+
+
+def test_moreau_regulariser_without_prox_falls_back_to_the_solver():
+    class Quartic:
+        def __call__(self, w):
+            return 0.25 * w.pow(4).sum()
+
+        def grad(self, w):
+            return w.pow(3)
+
+    model, x, y = mlp()
+    h = mg.losses.CrossEntropy()
+    rule = mg.rules.moreau(schedule=mg.rules.Lagrangian(1e-4, 1e-4), solver=LBFGS(tol=1e-12, max_iter=200))
+    d, result = flat_directions(model, x, y, h, rule, Quartic())
+    g, _ = flat_directions(model, x, y, h, mg.rules.backprop(), Quartic())
+    assert result.info[0].weight.method == "L-BFGS"
+    assert float((d - g).norm() / g.norm()) < 1e-2

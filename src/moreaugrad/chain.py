@@ -72,10 +72,8 @@ class Stage:
         """The forward pass of the stage, the only call that may update buffers (BatchNorm)."""
         if self.inplace:
             x = x.clone()
-        if self.fn is not None:
-            w = {s.name: s.value() for s in self.slots}
-            return self.fn(w["w"], x), w
-        return self.module(x), self.weights()
+        w = self.weights()
+        return (self.fn(w["w"], x) if self.fn is not None else self.module(x)), w
 
     def __call__(self, w: Weights, x: Tensor) -> Tensor:
         """Re-evaluate ``phi_t(w, x)`` for a rule, leaving the module's buffers untouched.

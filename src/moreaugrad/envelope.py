@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .solvers import CAP, rounding_slack
 from .types import SolveInfo
 
 NOT_CONVEX = "subproblem not strongly convex"
@@ -89,11 +90,13 @@ class Smooth:
             newton = u - g / torch.where(h > 0, h, torch.ones_like(h))
             inside = (h > 0) & (newton > a) & (newton < b)
             u = torch.where(inside, newton, (a + b) / 2)
+        g = c * self.d1(u) + u - x  # the residual of the returned point, not of the last iterate
+        res = g.abs().max() if g.numel() else res
         ok = bool((g.abs() <= tol).all())
         n_bad = int((~convex).sum())
         message = f"{NOT_CONVEX} for {n_bad} entries (|gamma lambda| too large)" if n_bad else ""
         if not ok and not message:
-            message = "iteration cap reached before the tolerance"
+            message = CAP
         return u, SolveInfo("closed form: 1-D safeguarded Newton", it, float(res), ok and not n_bad,
                             message)
 
@@ -241,7 +244,7 @@ def cross_entropy_env(z: Tensor, labels: Tensor, gamma: float, tol: float | None
         step = dg + c * dp * (p * dg).sum(1, keepdim=True) / (1 - c * (p * dp).sum(1, keepdim=True))
         f0, slope = value(u), -(g * step).sum(1)
         # Differences below the rounding of f0 carry no sign: accept them (else Newton stalls).
-        slack = 16 * torch.finfo(z.dtype).eps * f0.abs()
+        slack = rounding_slack(f0)
         t = torch.ones_like(f0)
         for _ in range(30):
             bad = value(u - t[:, None] * step) > f0 + 1e-4 * t * slope + slack
@@ -250,8 +253,7 @@ def cross_entropy_env(z: Tensor, labels: Tensor, gamma: float, tol: float | None
             t = torch.where(bad, t / 2, t)
         u = u - t[:, None] * step
     ok = res <= tol
-    return z - u, SolveInfo("closed form: batched Newton (cross-entropy)", it, res, ok,
-                            "" if ok else "iteration cap reached before the tolerance")
+    return z - u, SolveInfo("closed form: batched Newton (cross-entropy)", it, res, ok, "" if ok else CAP)
 
 
 def quadratic_env(A: Tensor, x: Tensor, alpha: float) -> Tensor:

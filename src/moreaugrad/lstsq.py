@@ -59,6 +59,11 @@ class CG:
 Method = Exact | CG
 
 
+def _budget(method: Method) -> tuple[int, float]:
+    """``(steps, tol)``: ``k`` steps and no tolerance for ``CG(k)``, the cap and tolerance of ``Exact``."""
+    return (method.steps, 0.0) if isinstance(method, CG) else (method.max_iter, method.tol)
+
+
 @functools.cache
 def _load_forward_ad() -> None:
     """torch 2.13 loads its forward-AD decompositions through ``torch.jit.script`` on first use,
@@ -210,7 +215,7 @@ def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
     the caller has it, is ``J_w^T r`` and saves a vjp on the generic path.
     """
     rows = _rows(site)
-    steps, tol = (method.steps, 0.0) if isinstance(method, CG) else (method.max_iter, method.tol)
+    steps, tol = _budget(method)
     if rows is not None:
         a, R = rows.a, rows.rows(r)
         if isinstance(method, Exact):
@@ -257,6 +262,6 @@ def solve_state(site: Any, r: Tensor, scale: float, kappa: float, c: float, meth
         jtjv, _ = site.vjp(jv, weights=False)
         return [kappa * jtjv + c * v[0]]
 
-    steps, tol = (method.steps, 0.0) if isinstance(method, CG) else (method.max_iter, method.tol)
+    steps, tol = _budget(method)
     (x,), info = cg(apply, [dx], steps, groups, tol)
     return -(scale + kappa) * x, info

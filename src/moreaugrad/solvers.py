@@ -44,12 +44,11 @@ def _inverse_curvature(curv: Tensor) -> Tensor:
     return torch.where(usable, 1.0 / curv.where(usable, torch.ones_like(curv)), 0.0)
 
 
-def _slack(f: Tensor) -> Tensor:
+def rounding_slack(f: Tensor) -> Tensor:
     """Decreases below the rounding of ``f`` carry no sign; line searches accept them."""
     return 16 * torch.finfo(f.dtype).eps * (1 + f.abs())
 NON_FINITE = "non-finite iterate"
 CAP = "iteration cap reached before the tolerance"
-FAILURES = (NON_FINITE, NOT_CONVEX)
 
 
 def _check(owner: str, tol: float, max_iter: int) -> None:
@@ -215,7 +214,7 @@ def goldstein(fun: Objective, z: list[Tensor], f: Tensor, g: list[Tensor], c: fl
         else:
             with torch.no_grad():
                 fn = fun(zn)
-        upper = fn <= f - c * s * gg + _slack(f)  # sufficient decrease
+        upper = fn <= f - c * s * gg + rounding_slack(f)  # sufficient decrease
         lower = fn >= f - (1 - c) * s * gg    # not too long a step
         best = torch.where(upper & ~done, s, best)
         ok = upper & lower
@@ -303,7 +302,7 @@ class LBFGS:
             t = torch.ones_like(f)
             with torch.no_grad():
                 for _ in range(30):
-                    bad = ~(fun(axpy(z, t, d, G)) <= f + 1e-4 * t * slope + _slack(f)) & (slope < 0)
+                    bad = ~(fun(axpy(z, t, d, G)) <= f + 1e-4 * t * slope + rounding_slack(f)) & (slope < 0)
                     if not bool(bad.any()):
                         break
                     t = torch.where(bad, t / 2, t)
@@ -311,5 +310,3 @@ class LBFGS:
 
         return run("L-BFGS", step, fun, z0, self.tol, self.max_iter, start)
 
-
-Solver = GradientDescent | QuasiNewton | LBFGS

@@ -313,6 +313,8 @@ def linear_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
     reg = site.regularizer
     if reg is None:
         return WeightUpdate(dw, alpha, SolveInfo("closed form: linear"))
+    if not hasattr(reg, "prox"):  # a custom regulariser without a prox: solve the problem as is
+        return generic_weight(rule, site, signal)
     d = {}
     for n, g in dw.items():
         w = site.w[n].detach()

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from .. import envelope
 from ..lstsq import CG, Exact, Method, solve_state, solve_weight
 from ..solvers import LBFGS, gdot
-from ..types import Signal, SolveInfo, StateUpdate, Target, WeightUpdate
-from .grad import Grad, check_positive, grad_weight, objective_value, regularized
+from ..types import Dual, Signal, SolveInfo, StateUpdate, Target, WeightUpdate
+from .grad import Grad, check_positive, objective_value, regularized
 from .moreau import LINEAR, Moreau, check_solve
 from .registry import LineRule, lookup, register
 
@@ -58,9 +58,7 @@ def _check_method(owner: str, method: Any) -> None:
 
 def _target(signal: Signal, x: Tensor, beta: float) -> Tensor:
     """``x^+``: the signal itself, or ``x - lambda / beta`` (``beta = 1`` when the rule has none)."""
-    if isinstance(signal, Target):
-        return signal.value
-    return x - signal.value / (beta if beta > 0 else 1.0)
+    return signal.target(x, beta if beta > 0 else 1.0)
 
 
 # -- 004 Algo 1: back-propagation as gradient steps on the penalty energy -----------------------
@@ -128,10 +126,12 @@ class Proximal(LineRule):
         _check_method("proxprop", self.method)
 
     def weight(self, site: Any, signal: Signal) -> WeightUpdate:
-        if self.explicit_last and site.last_weighted:
-            return grad_weight(Grad(self.tau), site, signal)
         x = site.x.detach()
         r = x - _target(signal, x, 1 / self.tau)  # = tau lambda
+        if self.explicit_last and site.last_weighted:  # 004 eq. 12: d = grad = J_w^T lambda, lambda = r / tau
+            # a dual signal is passed as is, so the state line's vjp is shared
+            _, dw = site.vjp(signal.value if isinstance(signal, Dual) else r / self.tau)
+            return WeightUpdate(regularized(site, dw), self.tau, SolveInfo("vjp"))
         delta, info = solve_weight(site, r, 0.0, 1.0, 1 / self.tau_theta, self.method)
         return WeightUpdate(regularized(site, {n: -d / self.tau for n, d in delta.items()}), self.tau, info)
 
@@ -259,7 +259,7 @@ def augmented_piecewise_state(rule: Augmented, site: Any, signal: Signal) -> Sta
         if best_u is None:
             best_u, best_v, best_dist = u, v, dist
         else:
-            tol = 1e-12 * (1 + best_v.abs())
+            tol = 16 * torch.finfo(best_v.dtype).eps * (1 + best_v.abs())
             better = (v < best_v - tol) | ((v <= best_v + tol) & (dist < best_dist))
             best_u = torch.where(better, u, best_u)
             best_v = torch.where(better, v, best_v)
