@@ -26,8 +26,8 @@ from .fenchel import (
     fenchel,
 )
 from .grad import Grad
-from .moreau import Geometric, Lagrangian, Moreau, Paper, PerStage, Schedule, SolverError, moreau
-from .registry import LineRule, lookup, register
+from .moreau import Geometric, Lagrangian, Moreau, Paper, PerStage, Schedule, moreau
+from .registry import LineRule, SolverError, lookup, register
 from .target import (
     Augmented,
     Explicit,

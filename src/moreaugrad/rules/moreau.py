@@ -23,23 +23,10 @@ from torch import Tensor, nn
 
 from .. import envelope
 from ..losses import CrossEntropy, SquaredLoss
-from ..solvers import CAP, QuasiNewton, gdot
+from ..solvers import QuasiNewton, gdot
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
 from .grad import check_positive, objective_value
-from .registry import LineRule, lookup, register
-
-
-class SolverError(RuntimeError):
-    """An inner solve hit a non-finite iterate or a subproblem that is not strongly convex."""
-
-
-def check_solve(owner: str, strict: bool, where: str, info: SolveInfo | None) -> None:
-    """Under ``strict``, raise :class:`SolverError` for a non-finite iterate or a subproblem that is
-    not strongly convex (an iteration cap is only reported). ``where`` names the subproblem."""
-    if strict and info is not None and info.converged is False and info.message != CAP:
-        raise SolverError(f"{owner}: the {where} failed: {info.message} "
-                          f"(after {info.iterations} iterations, residual {info.residual:.3g})")
-
+from .registry import LineRule, check_solve, lookup, register
 
 # -- schedules ----------------------------------------------------------------------------------
 
@@ -190,23 +177,11 @@ class Moreau(LineRule):
         gamma, beta = self.schedule.dual(horizon, horizon)
         entry = lookup(self, "objective", h) if self.closed_forms else GENERIC["objective"]
         env, info = entry(self, h, output.detach(), target, gamma)
-        check_solve("moreau", self.strict, "objective subproblem", info)
+        check_solve(type(self).__name__, self.strict, "objective subproblem", info)
         return loss.detach(), Dual(beta * env), info
 
-    def _entry(self, line: str, site: Any) -> Any:
-        if self.closed_forms:
-            return lookup(self, line, site.stage.module)
-        return GENERIC[line]
-
-    def state(self, site: Any, signal: Signal) -> StateUpdate:
-        update = self._entry("state", site)(self, site, signal)
-        check_solve("moreau", self.strict, f"state subproblem of {site.label}", update.info)
-        return update
-
-    def weight(self, site: Any, signal: Signal) -> WeightUpdate:
-        update = self._entry("weight", site)(self, site, signal)
-        check_solve("moreau", self.strict, f"weight subproblem of {site.label}", update.info)
-        return update
+    def entry(self, line: str, site: Any) -> Any:
+        return lookup(self, line, site.stage.module) if self.closed_forms else GENERIC[line]
 
 
 # -- generic entries: any stage, any objective --------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from ..types import Signal, StateUpdate, WeightUpdate
+from ..solvers import CAP
+from ..types import Signal, SolveInfo, StateUpdate, WeightUpdate
 
 Entry = Callable[[Any, Any, Signal], Any]
 _TABLE: dict[tuple[type, str, type], Entry] = {}
@@ -48,11 +49,34 @@ def lookup(rule: Any, line: str, module: nn.Module) -> Entry:
     )
 
 
+class SolverError(RuntimeError):
+    """An inner solve hit a non-finite iterate or a subproblem that is not strongly convex."""
+
+
+def check_solve(owner: str, strict: bool, where: str, info: SolveInfo | None) -> None:
+    """Under ``strict``, raise :class:`SolverError` for a non-finite iterate or a subproblem that is
+    not strongly convex (an iteration cap is only reported). ``where`` names the subproblem."""
+    if strict and info is not None and info.converged is False and info.message != CAP:
+        raise SolverError(f"{owner}: the {where} failed: {info.message} "
+                          f"(after {info.iterations} iterations, residual {info.residual:.3g})")
+
+
 class LineRule:
-    """Base class of the state and weight line rules: dispatches through the registry."""
+    """Base class of the state and weight line rules: dispatches through the registry and, for a
+    rule with ``strict = True``, raises on a failed solve (:func:`check_solve`)."""
+
+    strict: bool = False
+
+    def entry(self, line: str, site: Any) -> Entry:
+        """The function that answers ``line`` for this site (a subclass may bypass the table)."""
+        return lookup(self, line, site.stage.module)
 
     def state(self, site: Any, signal: Signal) -> StateUpdate:
-        return lookup(self, "state", site.stage.module)(self, site, signal)
+        update = self.entry("state", site)(self, site, signal)
+        check_solve(type(self).__name__, self.strict, f"state subproblem of {site.label}", update.info)
+        return update
 
     def weight(self, site: Any, signal: Signal) -> WeightUpdate:
-        return lookup(self, "weight", site.stage.module)(self, site, signal)
+        update = self.entry("weight", site)(self, site, signal)
+        check_solve(type(self).__name__, self.strict, f"weight subproblem of {site.label}", update.info)
+        return update

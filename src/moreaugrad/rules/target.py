@@ -33,8 +33,8 @@ from ..lstsq import CG, Exact, Method, solve_state, solve_weight
 from ..solvers import LBFGS, gdot
 from ..types import Dual, Signal, SolveInfo, StateUpdate, Target, WeightUpdate
 from .grad import Grad, check_positive, objective_value, regularized
-from .moreau import LINEAR, Moreau, check_solve
-from .registry import LineRule, lookup, register
+from .moreau import LINEAR, Moreau
+from .registry import LineRule, check_solve, lookup, register
 
 INF = math.inf
 
@@ -198,16 +198,6 @@ class Augmented(LineRule):
         env, info = lookup(moreau, "objective", h)(moreau, h, z, target, 1 / m)
         check_solve(type(self).__name__, self.strict, "objective subproblem", info)
         return loss.detach(), Target(z - env), info
-
-    def state(self, site: Any, signal: Signal) -> StateUpdate:
-        update = lookup(self, "state", site.stage.module)(self, site, signal)
-        check_solve(type(self).__name__, self.strict, f"state subproblem of {site.label}", update.info)
-        return update
-
-    def weight(self, site: Any, signal: Signal) -> WeightUpdate:
-        update = lookup(self, "weight", site.stage.module)(self, site, signal)
-        check_solve(type(self).__name__, self.strict, f"weight subproblem of {site.label}", update.info)
-        return update
 
     def terms(self, site: Any, signal: Signal) -> tuple[Tensor, Tensor, float, float]:
         """``(x_t^+, r_t, scale, kappa)`` of the subproblems; plain TP solves ``||phi - x^+||^2/2``."""
