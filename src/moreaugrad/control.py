@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .chain import Chain
+from .checks import check_count
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,7 @@ class Pendulum:
     rho: float = 0.1
 
     def __post_init__(self) -> None:
-        if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 1:
-            raise ValueError(f"Pendulum: horizon must be an int >= 1, got {self.horizon!r}")
+        check_count("Pendulum", "horizon", self.horizon)
 
     def dynamics(self, w: Tensor, x: Tensor) -> Tensor:
         """``phi(w_t, x_{t-1})`` for a batch of states ``x`` of shape ``(B, 2)``, control shape ``(1,)``."""

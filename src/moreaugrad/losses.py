@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_positive
+
 
 def _check_batch(name: str, output: Tensor, target: Tensor) -> None:
     if not isinstance(target, Tensor):
@@ -85,9 +87,7 @@ class L2:
     mu: float
 
     def __post_init__(self) -> None:
-        mu = self.mu
-        if isinstance(mu, bool) or not isinstance(mu, int | float) or not 0 < mu < float("inf"):
-            raise ValueError(f"L2: mu must be a finite number > 0, got {mu!r}")
+        check_positive("L2", "mu", self.mu)
 
     def __call__(self, w: Tensor) -> Tensor:
         return 0.5 * self.mu * w.pow(2).sum()

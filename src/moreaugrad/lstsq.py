@@ -31,6 +31,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_count
 from .solvers import gdot, gscale
 from .types import SolveInfo, Weights
 
@@ -52,8 +53,7 @@ class CG:
     steps: int = 3
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"CG: steps must be an int >= 1, got {self.steps!r}")
+        check_count("CG", "steps", self.steps)
 
 
 Method = Exact | CG

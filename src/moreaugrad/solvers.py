@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .checks import check_count
 from .types import SolveInfo
 
 Objective = Callable[[list[Tensor]], Tensor]  # z -> per-group values, shape (G,)
@@ -52,8 +53,7 @@ CAP = "iteration cap reached before the tolerance"
 
 
 def _check(owner: str, tol: float, max_iter: int) -> None:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"{owner}: max_iter must be an int >= 1, got {max_iter!r}")
+    check_count(owner, "max_iter", max_iter)
     if not isinstance(tol, int | float) or not tol >= 0:
         raise ValueError(f"{owner}: tol must be a number >= 0, got {tol!r}")
 
@@ -273,8 +273,7 @@ class LBFGS:
 
     def __post_init__(self) -> None:
         _check_tol("LBFGS", self.tol, self.max_iter)
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"LBFGS: memory must be an int >= 1, got {self.memory!r}")
+        check_count("LBFGS", "memory", self.memory)
 
     def solve(self, fun: Objective, z0: Sequence[Tensor],
               start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:

@@ -51,8 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_positive
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
-from .grad import Grad, check_positive, regularized
+from .grad import Grad, regularized
 from .registry import LineRule, lookup, register
 
 INF = math.inf

@@ -13,17 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import check_positive
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
 from .registry import LineRule, register
-
-
-def check_positive(owner: str, name: str, value: Any, allow_none: bool = False) -> None:
-    """``ValueError("owner: name must be > 0, got value")`` unless ``value`` is a finite positive."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 \
-            or value != value or value == float("inf"):
-        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
 
 
 def objective_value(h: Any, output: Tensor, target: Any) -> tuple[Tensor, Tensor]:

@@ -22,10 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import envelope
+from ..checks import check_positive
 from ..losses import CrossEntropy, SquaredLoss
 from ..solvers import QuasiNewton, gdot
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
-from .grad import check_positive, objective_value
+from .grad import objective_value
 from .registry import LineRule, check_solve, lookup, register
 
 # -- schedules ----------------------------------------------------------------------------------

@@ -29,10 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import envelope
+from ..checks import check_positive
 from ..lstsq import CG, Exact, Method, solve_state, solve_weight
 from ..solvers import LBFGS, gdot
 from ..types import Dual, Signal, SolveInfo, StateUpdate, Target, WeightUpdate
-from .grad import Grad, check_positive, objective_value, regularized
+from .grad import Grad, objective_value, regularized
 from .moreau import LINEAR, Moreau
 from .registry import LineRule, check_solve, lookup, register
 
