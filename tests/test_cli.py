@@ -324,3 +324,185 @@ def test_atomic_writes_leave_the_old_file(tmp_path, monkeypatch):
         store.write_json(path, {"a": 2.0})
     assert json.loads(path.read_text()) == {"a": 1.0, "b": None}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# -- usage errors, whole-config validation, file modes, partial results, every preset ---------------
+
+
+@pytest.mark.parametrize("argv, option, value", [
+    (["run", "tiny", "--out", "{file}"], "--out", "{file}"),
+    (["plot", "runs/x", "--out", "{file}"], "--out", "{file}"),
+    (["run", "tiny", "--device", "nonsense"], "--device", "'nonsense'"),
+    (["demo", "--threads", "0"], "--threads", "'0'"),
+    (["run", "tiny", "--threads", "two"], "--threads", "'two'"),
+    (["list", "--experiments", "{missing}"], "--experiments", "{missing}"),
+    (["run", "tiny", "--experiments", "{missing}"], "--experiments", "{missing}"),
+])
+def test_usage_errors_exit_2_naming_the_option_and_value(argv, option, value, tmp_path, capsys):
+    paths = {"file": str(tmp_path / "a_file"), "missing": str(tmp_path / "nonexistent")}
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([a.format(**paths) for a in argv])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("moreaugrad") and f"error: argument {option}: " in last
+    assert value.format(**paths) in last
+
+
+def test_a_run_into_a_file_is_refused(tiny, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(runner.RunMismatchError, match="is a file, not a folder"):
+        runner.run_config(tiny, tmp_path / "a_file", log=lambda s: None)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("alpha = 8.0", "alpha = [8.0, -1.0]", "methods.MorGD at {'alpha': -1.0}: Paper schedule: alpha"),
+    ('rule = "moreau"', 'rule = "moreaux"', "methods.MorGD: method: rule must be one of"),
+    ('optimizer = "step"\ngamma', 'optimizer = "stepp"\ngamma', "optimizer must be one of"),
+    ("lr = [0.1, 0.3]", "lr = [0.1, -0.3]", "methods.SGD at {'lr': -0.3}"),
+    ("momentum = 0.9", "momentun = 0.9", "unknown keys ['momentun']"),
+    ("checkpoint_every = 2", "checkpoint_evry = 2", "panels.pendulum: unknown keys ['checkpoint_evry']"),
+    ('name = "digits"', 'name = "digitz"', "panels.digits: dataset must be one of"),
+    ("train_size = 96", "train_sise = 96", "panels.digits: dataset 'digits': unknown keys ['train_sise']"),
+])
+def test_a_bad_config_fails_before_the_first_job(old, new, message, tmp_path, capsys):
+    """A bad value in the last method (or anywhere) stops the run before any job runs or any file is
+    written."""
+    assert old in TINY
+    config = tmp_path / "bad.toml"
+    config.write_text(TINY.replace(old, new))
+    out = tmp_path / "run"
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moreaugrad: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_files_get_the_users_umask(tmp_path):
+    """Every file of a run (JSON, summary.md, PNGs) is 0o644 under a umask of 0o022, not mkstemp's 0600."""
+    config = tmp_path / "pendulum.toml"
+    config.write_text('name = "p"\n[panels.p]\nkind = "control"\nhorizon = 4\niterations = 2\n'
+                      '[methods.GD]\nrule = "backprop"\nlr = 0.5\n')
+    script = textwrap.dedent(f"""
+        import os
+        os.umask(0o022)
+        from moreaugrad import runner
+        runner.run_config({str(config)!r}, {str(tmp_path / 'run')!r}, log=lambda s: None)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"run.json", "results.json", "summary.md", "loss.png", "p.GD.000.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+
+
+def test_plot_works_on_a_run_in_progress_after_one_job(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_config(tiny, out, callback=interrupt_at("digits.SGD.001", 1), log=lambda s: None)
+    partial = store.read_json(out / "results.json")
+    assert partial["status"] == "running" and [r["id"] for r in partial["jobs"]] == ["digits.SGD.000"]
+    assert cli.main(["plot", str(out)]) == 0
+    assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert "tiny resume check" in capsys.readouterr().out
+
+
+def presets() -> set[str]:
+    """The presets of ``mg.rules``: its functions that build a :class:`Rule` from their defaults."""
+    import moreaugrad as mg
+
+    names = set()
+    for name in mg.rules.__all__:
+        fn = getattr(mg.rules, name)
+        if name[0].islower():
+            try:
+                built = fn()
+            except TypeError:
+                continue
+            if isinstance(built, mg.rules.Rule):
+                names.add(name)
+    return names
+
+
+ALL_RULES = """
+name = "presets"
+select = "final"
+[panels.digits]
+dataset = {name = "digits", train_size = 64, test_size = 32}
+model = {kind = "mlp", hidden = [8]}
+dtype = "float64"
+epochs = 2
+batch_size = 32
+[methods.backprop]
+rule = "backprop"
+lr = 0.1
+[methods.penalty_backprop]
+rule = "penalty_backprop"
+lr = 0.1
+[methods.contrastive_backprop]
+rule = "contrastive_backprop"
+tau = 0.5
+lr = 0.1
+[methods.fenchel]
+rule = "fenchel"
+tau = [1e-3, 0.5]
+lr = 0.1
+[methods.fenchel_adaptive]
+rule = "fenchel"
+spacing = "adaptive"
+tau = 0.1
+tau_max = 10.0
+lr = 0.1
+[methods.moreau]
+rule = "moreau"
+gamma = 1.0
+alpha = 0.1
+[methods.proxprop]
+rule = "proxprop"
+optimizer = "sgd"
+lr = 0.1
+[methods.augmented_lagrangian]
+rule = "augmented_lagrangian"
+optimizer = "sgd"
+lr = 0.1
+[methods.target_prop]
+rule = "target_prop"
+optimizer = "sgd"
+lr = 0.1
+[methods.regularized_target_prop]
+rule = "regularized_target_prop"
+optimizer = "sgd"
+lr = 0.1
+"""
+
+
+def test_every_preset_can_be_named_in_a_config(tmp_path):
+    from moreaugrad.runner import methods
+
+    assert set(methods.RULES) == presets()
+    config = tmp_path / "presets.toml"
+    config.write_text(ALL_RULES)
+    results = runner.run_config(config, tmp_path / "run", log=lambda s: None)
+    jobs = {r["id"]: r for r in results["jobs"]}
+    assert {r["spec"]["rule"] for r in jobs.values()} == set(methods.RULES)
+    assert not [r["id"] for r in jobs.values() if r["diverged"]]
+    loss = {r["id"].split(".")[1] + r["id"][-1]: r["curves"]["loss"] for r in jobs.values()}
+    # 004 Prop. 1: penalty back-propagation with tau = lr is gradient descent with step lr; the
+    # contrastive reading of back-propagation has back-propagation's directions; Fenchel
+    # back-propagation approaches them as its spacing goes to 0.
+    assert loss["penalty_backprop0"] == pytest.approx(loss["backprop0"], rel=1e-10)
+    assert loss["contrastive_backprop0"] == pytest.approx(loss["backprop0"], rel=1e-10)
+    assert loss["fenchel0"] == pytest.approx(loss["backprop0"], rel=1e-3)
+    assert loss["fenchel1"] != pytest.approx(loss["backprop0"], rel=1e-3)
+    assert all(curve[-1] < curve[0] for curve in loss.values())
+
+
+def test_preset_parameters_are_checked(tmp_path):
+    from moreaugrad.runner import methods
+
+    with pytest.raises(ValueError, match="tau"):
+        methods.rule({"rule": "penalty_backprop", "lr": 0.0})
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        methods.rule({"rule": "fenchel", "spacing": "adaptiv"})
+    with pytest.raises(ValueError, match="tau"):
+        methods.rule({"rule": "fenchel", "tau": -1.0})

@@ -30,14 +30,58 @@ def _experiment_dirs(extra: Path | None) -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+# Option types: argparse turns their ArgumentTypeError into "argument --OPT: MESSAGE" and exit 2.
+
+
+def _device_name(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return name
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a torch device (cpu, cuda, cuda:1, mps or "
+                                         f"auto)") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: CUDA is not available here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: MPS is not available here")
+    return name
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
+def _out_folder(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    return path
+
+
+def _existing_folder(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return path
+
+
 def _common(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, initialisations and batch "
                    "orders (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps or auto "
-                   "(default cpu)")
-    p.add_argument("--out", type=Path, default=None, help=out_help)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the experiments' "
-                   "CPU sizes are small layers, for which more threads rarely help)")
+    p.add_argument("--device", type=_device_name, default="cpu", help="torch device: cpu, cuda, cuda:1, "
+                   "mps or auto (default cpu)")
+    p.add_argument("--out", type=_out_folder, default=None, help=out_help)
+    p.add_argument("--threads", type=_threads, default=1, help="torch CPU threads (default 1: the "
+                   "experiments' CPU sizes are small layers, for which more threads rarely help)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -67,7 +111,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", type=Path, default=Path("data"),
                      help="folder holding MNIST (IDX files) and/or CIFAR-10 (python batches), directly or "
                      "in mnist/, MNIST/raw/, cifar-10-batches-py/ (default ./data); nothing is downloaded")
-    run.add_argument("--experiments", type=Path, default=None, help="folder to look up CONFIG by name")
+    run.add_argument("--experiments", type=_existing_folder, default=None,
+                     help="folder to look up CONFIG by name")
     _common(run, "run folder (default runs/NAME[-smoke|-full][-seedS])")
 
     plot = sub.add_parser("plot", help="redraw a run's figures and summary.md from its results.json",
@@ -79,30 +124,23 @@ def parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list the experiments",
                          description="List the experiment configs (experiments/*.toml) and what each "
                          "reproduces.")
-    lst.add_argument("--experiments", type=Path, default=None, help="folder of configs to list")
+    lst.add_argument("--experiments", type=_existing_folder, default=None, help="folder of configs to list")
     _common(lst, "unused (accepted by every command)")
     return top
 
 
 def _device(name: str) -> Any:
+    """The torch device of a ``--device`` value (checked by :func:`_device_name`)."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as err:
-        raise SystemExit(f"moreaugrad: error: --device {name!r} is not a torch device ({err})") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"moreaugrad: error: --device {name}: CUDA is not available here")
-    return dev
+    return torch.device(name)
 
 
 def _setup(args: argparse.Namespace) -> None:
     import torch
 
-    if args.threads < 1:
-        raise SystemExit(f"moreaugrad: error: --threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
 
 

@@ -34,7 +34,8 @@ by default only a NaN or infinite value does), ``dtype``. Control: ``horizon``, 
 channels | widths, stages = "split" | "layer"}``), ``loss`` (``"cross_entropy"`` or ``"squared"``),
 ``l2``, ``epochs``, ``batch_size``, ``eval_batch``.
 
-Method keys: ``rule`` (a preset of ``mg.rules``) and its parameters, ``optimizer`` (``"step"``:
+Method keys: ``rule`` (any preset of ``mg.rules``; see ``runner.methods.rule`` for how its
+parameters are spelt) and its parameters, ``optimizer`` (``"step"``:
 ``Oracle.step``; ``"sgd"``, ``"adam"``: ``torch.optim`` on ``Oracle.backward``), ``lr``, ``momentum``,
 ``nesterov``, ``label``, ``enabled``.
 """

@@ -13,6 +13,7 @@ that was never interrupted (timings aside).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import platform
@@ -30,13 +31,17 @@ from tqdm.auto import tqdm
 import moreaugrad as mg
 
 from . import methods, models, store
-from .config import Experiment, Job, seed_for
+from .config import ConfigError, Experiment, Job, seed_for
 
 Callback = Callable[[str, int], None]
 DIVERGED = (mg.NonFiniteError, mg.rules.SolverError, torch.linalg.LinAlgError, FloatingPointError)
 LOSSES = {"cross_entropy": mg.losses.CrossEntropy, "squared": mg.losses.SquaredLoss}
 ACCURACY = ("val_accuracy", "test_accuracy")
 PARTIAL_EVERY_S = 20.0
+PANEL_KEYS = {"kind", "title", "methods", "enabled", "optional", "diverge_above", "dtype", "system",
+              "horizon", "iterations", "checkpoint_every", "dataset", "model", "loss", "l2", "epochs",
+              "batch_size", "eval_batch"}
+MODEL_KEYS = {"kind", "hidden", "channels", "kernel", "widths", "stages"}
 
 
 class Diverged(FloatingPointError):
@@ -125,6 +130,70 @@ def load_panel(panel: dict[str, Any], ctx: Context) -> PanelData:
              "test": (prep(ds.x_test), ds.y_test)}
     return PanelData(prep(ds.x_train), ds.y_train, {k: v for k, v in evals.items() if len(v[1])},
                      in_shape, ds.classes, ds.sizes())
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def _check_keys(owner: str, given: Any, known: set[str]) -> None:
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"{owner}unknown keys {unknown}; known: {sorted(known)}")
+
+
+def _check_panel(panel: dict[str, Any]) -> None:
+    _check_keys("", panel, PANEL_KEYS)
+    _dtype(panel.get("dtype", "float64" if panel["kind"] == "control" else "float32"))
+    if panel["kind"] == "control":
+        if panel.get("system", "pendulum") != "pendulum":
+            raise ValueError(f"system must be 'pendulum', got {panel['system']!r}")
+        if not isinstance(panel.get("horizon"), int) or panel["horizon"] < 1:
+            raise ValueError(f"horizon must be an int >= 1, got {panel.get('horizon')!r}")
+        return
+    spec = dict(panel.get("dataset", {"name": "digits"}))
+    name = spec.pop("name", None)
+    if name not in mg.data.LOADERS:
+        raise ValueError(f"dataset must be one of {sorted(mg.data.LOADERS)}, got {name!r}")
+    # The engine passes seed and dtype; mnist and cifar10 take the --data-dir folder.
+    known = set(inspect.signature(mg.data.LOADERS[name]).parameters) - {"data_dir", "seed", "dtype"}
+    _check_keys(f"dataset {name!r}: ", spec, known)
+    model = panel.get("model", {})
+    _check_keys("model: ", model, MODEL_KEYS)
+    if model.get("kind", "mlp") not in models.MODELS:
+        raise ValueError(f"model.kind must be one of {models.MODELS}, got {model['kind']!r}")
+    if model.get("stages", "split") not in models.STAGES:
+        raise ValueError(f"model.stages must be one of {models.STAGES}, got {model['stages']!r}")
+    if panel.get("loss", "cross_entropy") not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {panel['loss']!r}")
+    if panel.get("l2"):
+        mg.losses.L2(panel["l2"])
+
+
+def validate(exp: Experiment) -> None:
+    """Check the whole config before any job runs: every panel's keys, dataset and model, and every
+    method's rule and optimizer at every grid point (each is built once, which validates its values).
+
+    Raises:
+        ConfigError: naming the file, the panel or method (and grid point), and the field.
+    """
+    for pname, panel in exp.panels.items():
+        try:
+            _check_panel(panel)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{exp.source}: panels.{pname}: {err}") from err
+    seen = set()
+    dummy = [torch.zeros(1, requires_grad=True)]
+    for job in exp.jobs:
+        key = (job.method, job.id.rsplit(".", 1)[1])  # the same grid point on every panel
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            methods.rule(job.spec)
+            methods.optimizer(job.spec, dummy)
+        except (ValueError, TypeError) as err:
+            where = f"methods.{job.method}" + (f" at {job.params}" if job.params else "")
+            raise ConfigError(f"{exp.source}: {where}: {err}") from err
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -329,6 +398,8 @@ def _identity(exp: Experiment, ctx: Context) -> dict[str, Any]:
 
 def _check_run(exp: Experiment, ctx: Context) -> bool:
     """Create the run folder or check that it holds this run; True when resuming."""
+    if ctx.out.exists() and not ctx.out.is_dir():
+        raise RunMismatchError(f"{ctx.out} is a file, not a folder; choose another --out")
     meta_path = ctx.out / "run.json"
     ident = _identity(exp, ctx)
     if meta_path.is_file():
@@ -356,6 +427,7 @@ def run(exp: Experiment, ctx: Context) -> dict[str, Any]:
 
     Returns the results dict (also written to ``ctx.out / "results.json"``).
     """
+    validate(exp)
     resumed = _check_run(exp, ctx)
     t0 = time.perf_counter()
     records: dict[str, dict[str, Any]] = {}
@@ -367,7 +439,7 @@ def run(exp: Experiment, ctx: Context) -> dict[str, Any]:
         ctx.log(f"resuming {exp.name} in {ctx.out}: {len(records)} of {len(exp.jobs)} jobs done")
     panels: dict[str, PanelData | None] = {}
     skipped: dict[str, str] = {}
-    last_write = time.perf_counter()
+    last_write = -math.inf  # the first finished job writes results.json at once, for `moreaugrad plot`
     disable = not ctx.progress
     with tqdm(total=len(exp.jobs), desc=exp.name, unit="job", disable=disable, position=0) as outer, \
             tqdm(total=1, desc="", leave=False, disable=disable, position=1, mininterval=0.5) as bar:
@@ -400,8 +472,8 @@ def run(exp: Experiment, ctx: Context) -> dict[str, Any]:
             state.path.unlink(missing_ok=True)
             records[job.id] = store.read_json(ctx.out / "jobs" / f"{job.id}.json")
             outer.update(1)
-            # Partial results for `moreaugrad plot` on a running experiment; throttled, since a
-            # paper-size grid has thousands of jobs.
+            # Partial results for `moreaugrad plot` on a running experiment; after the first job,
+            # throttled, since a paper-size grid has thousands of jobs.
             if time.perf_counter() - last_write > PARTIAL_EVERY_S:
                 store.write_json(ctx.out / "results.json",
                                  collect(exp, ctx, records, skipped, "running", time.perf_counter() - t0))

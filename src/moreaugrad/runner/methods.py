@@ -13,12 +13,14 @@ import torch
 
 import moreaugrad as mg
 
-RULES = ("backprop", "moreau", "proxprop", "augmented_lagrangian", "target_prop",
-         "regularized_target_prop")
+RULES = ("backprop", "moreau", "proxprop", "penalty_backprop", "augmented_lagrangian", "target_prop",
+         "regularized_target_prop", "fenchel", "contrastive_backprop")
 OPTIMIZERS = ("step", "sgd", "adam")
 SCHEDULES = {"paper": mg.rules.Paper, "geometric": mg.rules.Geometric, "lagrangian": mg.rules.Lagrangian}
 KEYS = {"rule", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "betas", "label", "enabled",
-        "gamma", "alpha", "beta", "kappa", "rho", "schedule", "tau", "tau_theta", "cg", "step"}
+        "gamma", "alpha", "beta", "kappa", "rho", "schedule", "tau", "tau_theta", "cg", "step", "spacing",
+        "tau_max", "batch_mean"}
+SPACINGS = ("constant", "adaptive")
 
 
 def _method(spec: dict[str, Any]) -> Any:
@@ -26,11 +28,23 @@ def _method(spec: dict[str, Any]) -> Any:
     return mg.lstsq.Exact() if cg == "exact" else mg.lstsq.CG(int(cg))
 
 
+def _spacing(spec: dict[str, Any]) -> Any:
+    """``tau`` (a number), or ``spacing = "adaptive"`` with ``tau`` and ``tau_max`` (002 Fig. 1)."""
+    kind = spec.get("spacing", "constant")
+    if kind not in SPACINGS:
+        raise ValueError(f"method {spec['rule']}: spacing must be one of {SPACINGS}, got {kind!r}")
+    if kind == "adaptive":
+        return mg.rules.AdaptiveSpacing(spec.get("tau", 0.1), spec.get("tau_max", 100.0))
+    return spec.get("tau", 1.0)
+
+
 def rule(spec: dict[str, Any]) -> Any:
     """The ``mg.rules`` preset a method spec names, with its parameters.
 
     ``augmented_lagrangian`` takes ``gamma`` or ``rho`` with ``gamma = rho * alpha`` (000 App. F.2
-    couples the state step to the weight step this way).
+    couples the state step to the weight step this way). ``proxprop`` and ``penalty_backprop`` take
+    ``tau = lr`` when ``tau`` is absent (004 Prop. 1: penalty back-propagation is gradient descent with
+    step ``tau``).
     """
     name = spec["rule"]
     unknown = sorted(set(spec) - KEYS)
@@ -47,6 +61,14 @@ def rule(spec: dict[str, Any]) -> Any:
     if name == "proxprop":
         tau = spec.get("tau", spec.get("lr", 1.0))
         return mg.rules.proxprop(spec.get("tau_theta", 1.0), tau, _method(spec))
+    if name == "penalty_backprop":
+        return mg.rules.penalty_backprop(spec.get("tau", spec.get("lr", 1.0)))
+    if name == "fenchel":
+        return mg.rules.fenchel(_spacing(spec), batch_mean=spec.get("batch_mean", True),
+                                step=spec.get("lr", 1.0))
+    if name == "contrastive_backprop":
+        return mg.rules.contrastive_backprop(_spacing(spec), batch_mean=spec.get("batch_mean", True),
+                                             step=spec.get("lr", 1.0))
     if name == "augmented_lagrangian":
         alpha = spec.get("alpha", 1.0)
         gamma = spec["rho"] * alpha if "rho" in spec else spec.get("gamma", 1.0)
@@ -62,6 +84,8 @@ def rule(spec: dict[str, Any]) -> Any:
 def optimizer(spec: dict[str, Any], params: Any) -> torch.optim.Optimizer | None:
     """The ``torch.optim`` optimizer of a method, or None for ``"step"`` (``Oracle.step``)."""
     name = spec.get("optimizer", "step")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"method: optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if name == "step":
         return None
     lr = spec.get("lr")
@@ -71,7 +95,5 @@ def optimizer(spec: dict[str, Any], params: Any) -> torch.optim.Optimizer | None
         return torch.optim.SGD(params, lr=lr, momentum=spec.get("momentum", 0.0),
                                nesterov=spec.get("nesterov", False),
                                weight_decay=spec.get("weight_decay", 0.0))
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(spec.get("betas", (0.9, 0.999))),
-                                weight_decay=spec.get("weight_decay", 0.0))
-    raise ValueError(f"method: optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    return torch.optim.Adam(params, lr=lr, betas=tuple(spec.get("betas", (0.9, 0.999))),
+                            weight_decay=spec.get("weight_decay", 0.0))

@@ -1,7 +1,8 @@
 """The run folder: atomic writes of JSON, text and checkpoints, and their reading back.
 
 Every file is written to a temporary name in the same folder, flushed to disk and moved over the
-target with ``os.replace``, so a kill at any moment leaves either the old file or the new one.
+target with ``os.replace``, so a kill at any moment leaves either the old file or the new one. Files
+get the mode of an ordinary ``open``: ``0o666`` less the user's umask (``mkstemp`` alone gives 0600).
 
     RUN/run.json            what the run is (config, scale, seed, device): a resume must match it
     RUN/jobs/ID.json        one finished job (curves, selection score)
@@ -22,6 +23,15 @@ from typing import Any
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+
+
 def _atomic(path: Path, write: Any, mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,6 +40,7 @@ def _atomic(path: Path, write: Any, mode: str) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
