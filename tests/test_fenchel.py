@@ -549,3 +549,91 @@ def test_all_negative_initialisation_backprop_stalls_and_adaptive_fenbp_trains()
     assert min(bp) >= 0.80
     assert min(fen) < 0.30, fen
     assert len(fen) <= 30  # 21 on this seed: the margin left in the 40-epoch budget
+
+
+# --- float32: the finite difference without cancellation (issue 15) -----------------------------------
+
+# Each closed-form activation with its kinks (or 0 for a smooth one).
+CLOSED_FORMS = {"relu": (nn.ReLU, (0.0,)), "leaky_relu": (lambda: nn.LeakyReLU(0.1), (0.0,)),
+                "hard_sigmoid": (hard_sigmoid, (0.0, 1.0)), "relu6": (nn.ReLU6, (0.0, 6.0)),
+                "torch_hardsigmoid": (nn.Hardsigmoid, (-3.0, 3.0)), "sigmoid": (nn.Sigmoid, (0.0,)),
+                "tanh": (nn.Tanh, (0.0,))}
+
+
+def _reference_difference(module, u, delta):
+    """``sigma(u) - sigma(u - delta)`` as a plain float64 difference. Where ``sigma`` saturates, float64
+    rounds ``sigmoid(u)`` to 1 (``u > 37``), so there it is the plain difference of the complement:
+    ``sigmoid(-v) - sigmoid(-u)``, and for tanh ``c(v) - c(u)`` with
+    ``c(x) = 1 -/+ tanh(x) = 2 / (1 + e^{+-2x})``."""
+    v = u - delta  # exact: u and delta are float32 values
+    if isinstance(module, nn.Sigmoid):
+        return torch.where(u > 0, torch.sigmoid(-v) - torch.sigmoid(-u), torch.sigmoid(u) - torch.sigmoid(v))
+    if isinstance(module, nn.Tanh):
+        up, down = 2 / (1 + torch.exp(2 * v)) - 2 / (1 + torch.exp(2 * u)), \
+            2 / (1 + torch.exp(-2 * u)) - 2 / (1 + torch.exp(-2 * v))
+        return torch.where(u > 0, up, down)
+    return module(u) - module(v)
+
+
+@pytest.mark.parametrize("name", CLOSED_FORMS)
+@pytest.mark.parametrize("tau", [1.0, 1e-3, 1e-5])
+def test_float32_difference_has_float32_precision(name, tau):
+    """``Profile.difference(u, delta) = sigma(u) - sigma(u - delta)`` in float32 is the float64 value on
+    the same float32 inputs to relative error 1e-5, at and around the kinks (``u - delta`` on either
+    side of them), and for large ``|u|``; the plain float32 difference is off by ``eps |u| / |delta|``."""
+    make_act, kinks = CLOSED_FORMS[name]
+    module = make_act()
+    prof = profile(module)
+    g = torch.tensor([-40.0, -1.3, -0.37, -1e-3, 0.0, 1e-3, 0.37, 1.3, 40.0])
+    offsets = torch.tensor([0.0, 1e-3, 0.5, 2.0]) * tau
+    near = torch.cat([k + s * torch.cat([offsets, 0.2 * tau * g.abs(), 0.65 * tau * g.abs()])
+                      for k in kinks for s in (-1, 1)])
+    far = torch.tensor([-100.0, -30.0, -8.0, -2.5, 0.7, 2.5, 8.0, 30.0, 100.0])
+    torch.manual_seed(0)
+    u = torch.cat([near, far, 4 * torch.randn(40)]).float()[:, None]
+    delta = tau * g.float()[None, :]
+    got = prof.difference(u, delta)
+    assert got.dtype == torch.float32
+    expected = _reference_difference(module.double(), u.double(), delta.double())
+    assert torch.isfinite(expected).all()
+    # Relative to the float64 value, down to float32's smallest normal number (e^{-100} is below it).
+    err = (got.double() - expected).abs()
+    assert (err <= 1e-5 * expected.abs() + torch.finfo(torch.float32).tiny).all(), \
+        (err / expected.abs()).nan_to_num().max()
+    if tau == 1e-5:  # the plain float32 difference is far off: what this guards against
+        naive = (module.float()(u) - module.float()(u - delta)).double()
+        assert ((naive - expected).abs() > 1e-2 * expected.abs()).any()
+    # Up to float32's largest |u|, where float64's plain difference loses delta too: finite, and the
+    # outer pieces give exactly slope * delta.
+    huge = torch.tensor([-3e38, -1e30, -1e4, 1e4, 1e30, 3e38])[:, None]
+    left, right = {"relu": (0.0, 1.0), "leaky_relu": (0.1, 1.0)}.get(name, (0.0, 0.0))
+    assert torch.equal(prof.difference(huge, delta), torch.where(huge < 0, left * delta, right * delta))
+
+
+def test_monotone_keeps_the_plain_difference():
+    prof = profile(Monotone(F.softplus))
+    u, delta = torch.randn(5, 3), 1e-3 * torch.randn(5, 3)
+    assert torch.equal(prof.difference(u, delta), F.softplus(u) - F.softplus(u - delta))
+
+
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Tanh])
+@pytest.mark.parametrize("tau", [1.0, 1e-3, 1e-5])
+def test_float32_fenchel_directions_match_float64(act, tau):
+    """The fenchel preset on a float32 MLP gives its float64 twin's directions (same float32 weights and
+    inputs) to 1e-4 per parameter (max abs difference / max abs value) at every spacing. No ReLU input
+    lies within 5e-4 of the kink, so at the small spacings none is within ``tau |g|`` of it: there the
+    finite difference amplifies the forward pass's own float32 rounding by ``1 / tau``, whatever the
+    arithmetic."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), act(), nn.Linear(16, 4))
+    x, y = torch.randn(8, 6), torch.arange(8) % 4
+    twin64 = twin(model).double()
+    assert twin64[0](x.double()).abs().min() > 5e-4
+    got = run(model, x, y, fenchel(tau))
+    expected = run(twin64, x.double(), y, fenchel(tau))
+    for ds, es in zip(got.directions, expected.directions):
+        assert (ds is None) == (es is None)
+        for key, d in (ds or {}).items():
+            assert d.dtype == torch.float32
+            e = es[key]
+            assert ((d.double() - e).abs().max() / e.abs().max()).item() < 1e-4, key
