@@ -150,23 +150,71 @@ def test_objective_must_return_scalar():
 # --- non-finite values -----------------------------------------------------------------------
 
 
-def test_non_finite_loss():
+def test_non_finite_input():
     case, oracle = _mlp_oracle()
     x = case.x.clone()
     x[0, 0] = float("inf")
-    with pytest.raises(mg.NonFiniteError, match="loss is not finite"):
+    with pytest.raises(mg.NonFiniteError, match=re.escape("the input x is not finite (1 of 20 entries)")):
         oracle.backward(x, case.y)
     assert all(p.grad is None for p in case.model.parameters())
 
 
-def test_non_finite_direction():
-    # sqrt(0 * z) is 0, a finite loss, but its gradient is 0 * inf = nan.
-    case, oracle = _mlp_oracle(objective=lambda out, y: torch.sqrt(0.0 * out).sum())
-    with pytest.raises(mg.NonFiniteError, match=r"direction of stage 1, parameter 'weight'"):
+def test_non_finite_loss():
+    # An infinite constant: the loss is inf, its gradient (the signal) is finite.
+    case, oracle = _mlp_oracle(objective=lambda out, y: out.sum() + float("inf"))
+    with pytest.raises(mg.NonFiniteError, match="loss is not finite"):
         oracle.backward(case.x, case.y)
     assert all(p.grad is None for p in case.model.parameters())
+
+
+def test_non_finite_objective_signal_names_the_stage():
+    # sqrt(0 * z) is 0, a finite loss, but its gradient is 0 * inf = nan.
+    case, oracle = _mlp_oracle(objective=lambda out, y: torch.sqrt(0.0 * out).sum())
+    with pytest.raises(mg.NonFiniteError, match=re.escape(
+            "the signal entering stage 5 (Linear) (from the objective) is not finite (15 of 15 entries)")):
+        oracle.backward(case.x, case.y)
+    assert all(p.grad is None for p in case.model.parameters())
+
+
+def test_non_finite_state_signal_names_the_stage():
+    # A NaN weight in stage 3 makes the signal leaving it (entering stage 2) NaN; the loss too.
+    case = make("mlp")
+    with torch.no_grad():
+        case.model[2].weight[0, 0] = float("nan")
+    oracle = mg.Oracle(case.model, case.objective)
+    with pytest.raises(mg.NonFiniteError, match=r"the signal entering stage 5 \(Linear\)"):
+        oracle.backward(case.x, case.y)
+    case = make("mlp")
+    with torch.no_grad():
+        case.model[4].weight.zero_()
+        case.model[2].weight[0, 0] = float("inf")
+    oracle = mg.Oracle(case.model, lambda out, y: out.sum())
+    with pytest.raises(mg.NonFiniteError,
+                       match=re.escape("the signal entering stage 2 (ReLU) is not finite")):
+        oracle.backward(case.x, case.y)
+
+
+class RootScale(nn.Module):
+    """``x * sqrt(w)`` at ``w = 0``: the signal ``sqrt(w) lam`` is 0, the weight gradient infinite."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(width, dtype=DTYPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sqrt(self.w)
+
+
+def test_non_finite_direction():
+    torch.manual_seed(0)
+    model = nn.Sequential(RootScale(3), nn.Linear(3, 2).double())
+    oracle = mg.Oracle(model, mg.losses.SquaredLoss())
+    x, y = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
+    with pytest.raises(mg.NonFiniteError, match=r"direction of stage 1, parameter 'w'"):
+        oracle.backward(x, y)
+    assert all(p.grad is None for p in model.parameters())
     with pytest.raises(mg.NonFiniteError, match="direction of stage 1"):
-        oracle.step(case.x, case.y)
+        oracle.step(x, y)
 
 
 def test_non_finite_direction_is_a_floating_point_error():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from .types import Weights
 
@@ -33,6 +34,32 @@ class Slot:
         return self.param.grad if self.index is None else self.param.grad[self.index]
 
 
+def plain(module: object) -> bool:
+    """Whether ``module`` computes what its type says, so closed forms registered for the type hold.
+
+    False when the module or a submodule is parametrized (``torch.nn.utils.parametrize``, the
+    new-style ``weight_norm``/``spectral_norm``) or has forward or forward pre-hooks (which is how
+    the old-style ``weight_norm`` and ``spectral_norm`` recompute the weight). Backward hooks do not
+    change ``phi_t`` and are ignored, as are global hooks. A non-module (a plain objective function)
+    is plain.
+    """
+    if not isinstance(module, nn.Module):
+        return True
+    return not any(parametrize.is_parametrized(m) or m._forward_hooks or m._forward_pre_hooks
+                   for m in module.modules())
+
+
+def _first_op(module: nn.Module) -> nn.Module:
+    """The module a plain ``nn.Sequential`` (possibly nested) applies first; else the module."""
+    while isinstance(module, nn.Sequential) and len(module) and _sequential_forward(module):
+        module = module[0]
+    return module
+
+
+def _sequential_forward(module: nn.Module) -> bool:
+    return type(module).forward is nn.Sequential.forward
+
+
 class Stage:
     """One stage ``phi_t(w_t, x)`` of a chain.
 
@@ -50,8 +77,14 @@ class Stage:
         self.slots = tuple(slots)
         self.index = index
         self.fn = fn
-        # An in-place module would overwrite the recorded input x_{t-1} that rules re-read.
-        self.inplace = bool(getattr(module, "inplace", False))
+
+    @property
+    def inplace(self) -> bool:
+        """Whether the stage may write into its input, which would overwrite the recorded
+        ``x_{t-1}`` that rules re-read (and raise autograd's leaf error): its first op is in place,
+        or, where the order of its ops is unknown (a module with its own ``forward``), any
+        submodule is. Read at every call, so it follows the module as it is now."""
+        return any(getattr(m, "inplace", False) is True for m in _first_op(self.module).modules())
 
     def __repr__(self) -> str:
         return f"Stage({self.index}, {self.type_name})"
@@ -91,15 +124,21 @@ class Stage:
 
     @torch.no_grad()
     def accumulate(self, direction: Weights) -> None:
-        """``p.grad += d_t`` for each parameter, like ``loss.backward()``."""
+        """``p.grad += d_t`` for each parameter in ``direction``, like ``loss.backward()``.
+
+        A parameter without an entry (one the stage does not use) keeps its ``.grad``, as autograd
+        leaves it.
+        """
         for s in self.slots:
-            s.grad_view().add_(direction[s.name])
+            if s.name in direction:
+                s.grad_view().add_(direction[s.name])
 
     @torch.no_grad()
     def update(self, direction: Weights, step: float) -> None:
-        """``w_t <- w_t - step * d_t``."""
+        """``w_t <- w_t - step * d_t`` for each parameter in ``direction``."""
         for s in self.slots:
-            s.value().sub_(direction[s.name], alpha=step)
+            if s.name in direction:
+                s.value().sub_(direction[s.name], alpha=step)
 
 
 class Dynamics(nn.Module):
@@ -123,8 +162,13 @@ class Chain(nn.Module):
     stages; ``Sequential(Linear, ReLU)`` as one child is one stage (a "layer"); a residual block is
     one stage. Only parameters with ``requires_grad`` are stage weights.
 
+    The chain is a view of the model, never a copy of its state: children, parameters and
+    ``requires_grad`` are read at every call (:attr:`stages`), so it follows
+    ``load_state_dict(..., assign=True)``, a replaced child and layers frozen or unfrozen later.
+
     Args:
-        model: an ``nn.Sequential``.
+        model: an ``nn.Sequential`` whose ``forward`` is ``nn.Sequential``'s own (a subclass that
+            overrides ``forward`` is refused: the chain would ignore that forward).
 
     Example:
         >>> chain = Chain(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
@@ -142,15 +186,20 @@ class Chain(nn.Module):
                 f"got {type(model).__name__}. Wrap it, e.g. Chain(nn.Sequential(model)) for a single "
                 f"stage, or list its layers in an nn.Sequential."
             )
+        if not _sequential_forward(model):
+            raise TypeError(
+                f"moreaugrad.Chain: {type(model).__name__} overrides nn.Sequential.forward, which a "
+                f"chain would ignore (it runs the children one after another). List the layers in a "
+                f"plain nn.Sequential, or make the whole model one stage: "
+                f"Chain(nn.Sequential(model))."
+            )
         if len(model) == 0:
             raise ValueError("moreaugrad.Chain: model must have at least one stage, got an empty "
                              "nn.Sequential")
         self.model = model
         self.x0: Tensor | None = None
-        self.stages = tuple(
-            Stage(child, [Slot(n, p) for n, p in child.named_parameters() if p.requires_grad], t)
-            for t, child in enumerate(model)
-        )
+        self._phi: Callable[[Tensor, Tensor], Tensor] | None = None
+        self._stage_cache: tuple[tuple, tuple[Stage, ...]] = ((), ())
 
     @classmethod
     def from_dynamics(cls, phi: Callable[[Tensor, Tensor], Tensor], controls: Tensor,
@@ -181,13 +230,41 @@ class Chain(nn.Module):
         nn.Module.__init__(self)
         self.controls = controls if isinstance(controls, nn.Parameter) else nn.Parameter(
             controls.detach().clone())
-        step = Dynamics(phi)
-        self.model = nn.Sequential(step)
+        self.model = nn.Sequential(Dynamics(phi))
         self.register_buffer("x0", x0.detach().clone() if x0.dim() > 1 else x0.detach()[None].clone())
-        self.stages = tuple(
-            Stage(step, [Slot("w", self.controls, t)], t, fn=phi) for t in range(controls.shape[0])
-        )
+        self._phi = phi
+        self._stage_cache = ((), ())
         return self
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages of the model as it is now.
+
+        Children, parameters and their ``requires_grad`` are read at every access; the
+        :class:`Stage` objects are rebuilt only when one of them changed (a key of object ids and
+        flags, a few microseconds), so the same model gives the same stages.
+        """
+        key = self._stage_key()
+        if key != self._stage_cache[0]:
+            self._stage_cache = (key, self._build_stages())
+        return self._stage_cache[1]
+
+    def _stage_key(self) -> tuple:
+        # Ids are safe: the cached stages hold the keyed objects, so no id can be reused meanwhile.
+        if self._phi is not None:
+            return id(self.model[0]), id(self.controls), self.controls.shape[0]
+        return tuple((id(child), tuple((n, id(p), p.requires_grad) for n, p in child.named_parameters()))
+                     for child in self.model)
+
+    def _build_stages(self) -> tuple[Stage, ...]:
+        if self._phi is not None:
+            step = self.model[0]
+            return tuple(Stage(step, [Slot("w", self.controls, t)], t, fn=self._phi)
+                         for t in range(self.controls.shape[0]))
+        return tuple(
+            Stage(child, [Slot(n, p) for n, p in child.named_parameters() if p.requires_grad], t)
+            for t, child in enumerate(self.model)
+        )
 
     def __len__(self) -> int:
         return len(self.stages)

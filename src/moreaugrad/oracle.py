@@ -12,12 +12,10 @@ from torch import Tensor, nn
 from .chain import Chain
 from .losses import Regularizer
 from .rules import Rule, backprop
-from .sweep import record, sweep
+from .sweep import NonFiniteError, record, sweep
 from .types import Signal, StageInfo, Weights
 
-
-class NonFiniteError(FloatingPointError):
-    """A loss, signal or direction that is NaN or infinite; it is reported, never used."""
+__all__ = ["NonFiniteError", "Oracle", "OracleResult"]
 
 
 @dataclass
@@ -70,6 +68,7 @@ class Oracle:
             raise TypeError(f"Oracle: rule must be a moreaugrad.rules.Rule (e.g. "
                             f"mg.rules.backprop()), got {type(self.rule).__name__}")
         tau = len(self.chain)
+        self._per_stage = isinstance(regularizer, Sequence)
         if regularizer is None or not isinstance(regularizer, Sequence):
             self.regularizers = [regularizer] * tau
         elif len(regularizer) != tau:
@@ -92,10 +91,37 @@ class Oracle:
         if x.device != ref.device:
             raise TypeError(f"Oracle: input is on {x.device} but the chain is on {ref.device}")
 
+    def _check_materialized(self) -> None:
+        """A model built on the ``meta`` device has shapes but no values: refuse it by name."""
+        chain = self.chain
+        if not any(t.is_meta for t in (*chain.parameters(), *chain.buffers())):
+            return
+        for kind, named in (("parameter", chain.named_parameters), ("buffer", chain.named_buffers)):
+            for name, t in named():
+                if t.is_meta:
+                    name = name.removeprefix("model.")
+                    raise ValueError(
+                        f"Oracle: the model's {kind} {name!r} is on the meta device (it has a shape "
+                        f"but no values); call model.to_empty(device=...) and initialise it (e.g. "
+                        f"reset_parameters() or load_state_dict) before using the oracle")
+
+    def _regularizers(self) -> list[Regularizer | None]:
+        tau = len(self.chain)
+        if len(self.regularizers) == tau:
+            return self.regularizers
+        if self._per_stage:
+            raise ValueError(f"Oracle: the chain now has {tau} stages but regularizer has "
+                             f"{len(self.regularizers)} entries, one per stage")
+        return [self.regularizers[0]] * tau
+
     def _run(self, x: Tensor | None, y: Any) -> OracleResult:
         x = self.chain.input(x)
+        self._check_materialized()
         self._check_input(x)
-        tape = record(self.chain, x, self.regularizers, input_signal=x.requires_grad)
+        if (x.is_floating_point() or x.is_complex()) and not torch.isfinite(x).all():
+            raise NonFiniteError(f"Oracle: the input x is not finite "
+                                 f"({int((~torch.isfinite(x)).sum())} of {x.numel()} entries)")
+        tape = record(self.chain, x, self._regularizers(), input_signal=x.requires_grad)
         out = sweep(tape, self.rule, self.objective, y)
         loss = out.loss
         for site in tape.sites:
@@ -105,11 +131,7 @@ class Oracle:
             raise NonFiniteError(f"Oracle: the loss is not finite ({loss.item()})")
         directions = [None if u is None else u.direction for u in out.directions]
         _check_finite(directions)
-        if x.requires_grad:
-            lam0 = out.signals[0].dual(x.detach())
-            if not torch.isfinite(lam0).all():
-                raise NonFiniteError(f"Oracle: the input signal is not finite "
-                                     f"({int((~torch.isfinite(lam0)).sum())} of {lam0.numel()} entries)")
+        # signal_0, like every signal, was checked for finiteness by the sweep.
         return OracleResult(
             loss=loss.detach(),
             output=tape.output.detach(),

@@ -12,7 +12,8 @@ for each line (objective, weight, state) and records what it returns.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +25,14 @@ from .types import Signal, StageInfo, Weights, WeightUpdate
 if TYPE_CHECKING:
     from .losses import Regularizer
     from .rules import Rule
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, signal or direction that is NaN or infinite; it is reported, never used.
+
+    Defined here, where the sweep checks every signal, and re-exported as
+    ``moreaugrad.NonFiniteError`` and ``moreaugrad.oracle.NonFiniteError``.
+    """
 
 
 @dataclass(eq=False)
@@ -64,6 +73,34 @@ class Site:
     @property
     def needs_state(self) -> bool:
         return self.x_prev.requires_grad
+
+    @cached_property
+    def unused(self) -> frozenset[str]:
+        """The names in ``w`` that ``x_t`` does not depend on in the recorded graph.
+
+        Autograd leaves the ``.grad`` of such a parameter None, so the oracle gives it no direction
+        (a zero ``.grad`` would let AdamW's weight decay move it). Found by walking the local graph
+        from ``x_t`` to its ``AccumulateGrad`` nodes; a weight that is a view (a dynamics control
+        ``controls[t]``) counts as used.
+        """
+        leaves = {id(w): n for n, w in self.w.items() if w.grad_fn is None}
+        if not leaves:
+            return frozenset()
+        reached: set[int] = set()
+        # The node objects themselves, not their ids: a node's Python wrapper may be freed and its
+        # id reused by another node's wrapper once nothing holds it.
+        seen: set[Any] = set()
+        stack = [] if self.x.grad_fn is None else [self.x.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            var = getattr(node, "variable", None)
+            if var is not None:
+                reached.add(id(var))
+            stack.extend(f for f, _ in node.next_functions if f is not None)
+        return frozenset(n for i, n in leaves.items() if i not in reached)
 
     @property
     def groups(self) -> int:
@@ -189,6 +226,7 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
     """
     tau = len(tape.sites)
     loss, signal, objective_info = rule.objective.objective(h, tape.output, target, tau)
+    _check_signal(signal, tape.output, f"entering {tape.sites[-1].label} (from the objective)")
     directions: list[WeightUpdate | None] = [None] * tau
     info = [StageInfo() for _ in range(tau)]
     info[-1].extra["objective"] = objective_info
@@ -197,12 +235,28 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
         t = site.stage.index
         if site.stage.has_weights:
             update = rule.weight_for(site).weight(site, signal)
+            # r_t(w_t) uses every weight, so only an unregularised stage has unused ones.
+            unused = site.unused if site.regularizer is None else frozenset()
+            if unused:
+                update = replace(update, direction={n: d for n, d in update.direction.items()
+                                                    if n not in unused})
             directions[t] = update
             info[t].weight = update.info
         if site.needs_state:
             state = rule.state_for(site).state(site, signal)
             signal = state.signal
+            _check_signal(signal, site.x_prev, f"entering {tape.sites[t - 1].label}" if t > 0
+                          else f"at the input (from {site.label})")
             info[t].state = state.info
             signals.append(signal)
     signals.reverse()
     return SweepResult(loss, directions, signals, info)
+
+
+def _check_signal(signal: Signal, x: Tensor, where: str) -> None:
+    """Raise :class:`NonFiniteError` for a non-finite signal, before any rule uses it (one
+    reduction and one host sync per signal)."""
+    lam = signal.dual(x.detach())
+    if not torch.isfinite(lam).all():
+        bad = int((~torch.isfinite(lam)).sum())
+        raise NonFiniteError(f"the signal {where} is not finite ({bad} of {lam.numel()} entries)")

@@ -2,7 +2,9 @@
 
 Like a derivative table (HIPS/autograd ``primitive_vjps``): a rule class registers a function per
 line (``"state"`` or ``"weight"``) for each module type it has a closed form for, and a generic
-function for ``nn.Module``. Lookup walks the module type's MRO, so the most specific entry wins.
+function for ``nn.Module``. Lookup walks the module type's MRO, so the most specific entry wins;
+a module that is not its bare type (parametrized, or with forward hooks: :func:`~moreaugrad.chain.plain`)
+gets the generic entry, since a closed form for the type does not hold for it.
 Every registered function has the one signature ``fn(rule, site, signal) -> StateUpdate |
 WeightUpdate``.
 """
@@ -14,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..chain import plain
 from ..solvers import CAP
 from ..types import Signal, SolveInfo, StateUpdate, WeightUpdate
 
@@ -36,9 +39,17 @@ def register(rule_type: type, line: str, *module_types: type) -> Callable[[Entry
 
 
 def lookup(rule: Any, line: str, module: nn.Module) -> Entry:
-    """The most specific entry for ``type(rule)``, ``line`` and ``type(module)``."""
+    """The most specific entry for ``type(rule)``, ``line`` and ``type(module)``.
+
+    For a module that is not :func:`~moreaugrad.chain.plain` (a parametrized weight, a forward
+    hook), entries registered for a specific module type are skipped: only the generic entry for
+    ``nn.Module`` (or ``object``) answers.
+    """
+    mro = type(module).__mro__
+    if not plain(module):
+        mro = tuple(cls for cls in mro if cls is nn.Module or not issubclass(cls, nn.Module))
     for rule_cls in type(rule).__mro__:
-        for cls in type(module).__mro__:
+        for cls in mro:
             fn = _TABLE.get((rule_cls, line, cls))
             if fn is not None:
                 return fn
