@@ -29,8 +29,20 @@ def test_solvers_reach_the_minimiser_per_sample(solver):
     fun, y_star, b = per_sample_quadratic()
     (y,), info = solver.solve(fun, [torch.zeros_like(b)])
     assert info.converged and info.message == "", info
-    assert info.residual <= 1e-11
+    # The tolerance is relative to each sample's starting gradient (here ||b_i||).
+    assert info.residual <= 1e-11 * float(b.norm(dim=1).max())
     torch.testing.assert_close(y, y_star, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("size", [1.0, 1e-9])
+def test_tolerance_is_relative_to_the_problem_scale(solver, size):
+    # A problem scaled down by 1e-9 (a small step) is solved to the same relative accuracy, never
+    # stopped at iteration 0 by an absolute tolerance above its starting residual.
+    fun, y_star, b = per_sample_quadratic()
+    (y,), info = solver.solve(lambda z: size * fun([z[0] / size]) * size, [torch.zeros_like(b)])
+    assert info.converged and info.iterations > 0, info
+    torch.testing.assert_close(y / size, y_star, rtol=1e-9, atol=1e-10)
 
 
 def test_one_unit_gradient_step_from_zero_is_minus_the_gradient():

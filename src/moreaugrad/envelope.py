@@ -2,12 +2,14 @@
 
 Notation: ``grad env(f)(x) = -argmin_y f(x + y) + ||y||^2/2 = x - prox_f(x)``.
 
-Elementwise activations ``sigma`` reduce to separable one-dimensional problems. Every prox below
-has the one signature ``prox(x, c) -> (u, SolveInfo)`` with
+Elementwise activations ``sigma`` reduce to separable one-dimensional problems. Every primitive
+below has the one signature ``increment(x, c) -> (y, SolveInfo)`` with
 
-    ``u = argmin_u  c * sigma(u) + (u - x)^2 / 2``     (elementwise, ``c`` shaped like ``x``)
+    ``y = argmin_y  c * sigma(x + y) + y^2 / 2``     (elementwise, ``c`` shaped like ``x``)
 
-so that ``grad env(gamma lam^T sigma)(x) = x - u`` with ``c = gamma * lam``.
+so that ``grad env(gamma lam^T sigma)(x) = -y`` with ``c = gamma * lam``. The increment is solved
+for and returned as such: the prox point ``u = x + y`` (``prox``) is never formed on the way, since
+``x - u`` would lose every digit of a small ``y`` to cancellation (float32 at small steps).
 """
 
 from __future__ import annotations
@@ -31,27 +33,38 @@ class PiecewiseLinear:
     """A continuous piecewise-linear ``sigma`` with ``knots`` ``k_1 < ... < k_m`` and ``slopes``
     ``s_0..s_m`` on ``(-inf, k_1], ..., [k_m, inf)``.
 
-    ``prox`` is exact even when ``c < 0`` makes the problem non-convex: on each closed piece the
-    objective is a convex quadratic minimised by ``clip(x - c s_j, piece)``, and the global minimum
-    is the best of the ``m + 1`` candidates (ReLU, leaky ReLU, hard tanh, hard sigmoid).
+    ``increment`` is exact even when ``c < 0`` makes the problem non-convex: on each closed piece
+    the objective is a convex quadratic minimised by ``y = clip(-c s_j, piece - x)``, and the global
+    minimum is the best of the ``m + 1`` candidates (ReLU, leaky ReLU, hard tanh, hard sigmoid).
     """
 
     fn: Callable[[Tensor], Tensor]
     knots: Sequence[float]
     slopes: Sequence[float]
 
-    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+    def increment(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
         edges = [-math.inf, *self.knots, math.inf]
-        best_u, best_v = None, None
+        fx = self.fn(x)
+        best_y, best_v = None, None
         for j, s in enumerate(self.slopes):
-            u = (x - c * s).clamp(edges[j], edges[j + 1])
-            v = c * self.fn(u) + 0.5 * (u - x) ** 2
-            if best_u is None:
-                best_u, best_v = u, v
+            lo, hi = edges[j], edges[j + 1]
+            inside = x.clamp(lo, hi)
+            off = s * (x - inside) + (self.fn(inside) - fx)  # piece j's affine map at x - sigma(x)
+            y = torch.clamp(-c * s, lo - x, hi - x)
+            # The value relative to y = 0, with sigma(x + y) - sigma(x) = s y + off on the piece:
+            # candidates compare at the scale of the move, not of sigma(x).
+            v = c * (s * y + off) + 0.5 * y * y
+            if best_y is None:
+                best_y, best_v = y, v
             else:
                 better = v < best_v
-                best_u, best_v = torch.where(better, u, best_u), torch.where(better, v, best_v)
-        return best_u, SolveInfo("closed form: piecewise linear")
+                best_y, best_v = torch.where(better, y, best_y), torch.where(better, v, best_v)
+        return best_y, SolveInfo("closed form: piecewise linear")
+
+    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+        """``u = x + y = argmin_u c sigma(u) + (u - x)^2/2``."""
+        y, info = self.increment(x, c)
+        return x + y, info
 
 
 @dataclass(frozen=True)
@@ -59,10 +72,13 @@ class Smooth:
     """A smooth monotone ``sigma`` with derivatives ``d1``, ``d2`` and bounds ``lo <= sigma'' <= hi``
     and ``0 <= sigma' <= slope``.
 
-    ``prox`` runs a safeguarded Newton method (Newton inside a shrinking bracket, bisection when a
-    Newton step leaves it), vectorised over all entries. The problem is strongly convex exactly
-    when ``1 + c sigma''(u) > 0`` for all ``u``, guaranteed by ``1 + c lo > 0`` for ``c > 0`` and
-    ``1 + c hi > 0`` for ``c < 0``; entries outside that range are reported.
+    ``increment`` runs a safeguarded Newton method on ``g(y) = c sigma'(x + y) + y`` (Newton inside
+    a shrinking bracket, bisection when a Newton step leaves it), vectorised over all entries, from
+    the linearised solution ``y = -c sigma'(x)``. It stops when ``|g| <= 8 eps |c| (1 + |x|)``, the
+    rounding level of ``g`` (relative to the problem's scale ``|c|``, never absolute). The problem
+    is strongly convex exactly when ``1 + c sigma''(u) > 0`` for all ``u``, guaranteed by
+    ``1 + c lo > 0`` for ``c > 0`` and ``1 + c hi > 0`` for ``c < 0``; entries outside that range
+    are reported.
     """
 
     fn: Callable[[Tensor], Tensor]
@@ -73,32 +89,38 @@ class Smooth:
     slope: float
     max_iter: int = 60
 
-    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+    def increment(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
         convex = torch.where(c > 0, 1 + c * self.lo > 0, 1 + c * self.hi > 0)
-        # The root of g(u) = c sigma'(u) + u - x lies in [x - |c| slope, x + |c| slope].
-        a, b = x - c.abs() * self.slope, x + c.abs() * self.slope
-        u = x - c * self.d1(x)
-        tol = 8 * torch.finfo(x.dtype).eps * (1 + x.abs() + c.abs())
+        # The root of g(y) = c sigma'(x + y) + y lies in [-|c| slope, |c| slope].
+        b = c.abs() * self.slope
+        a = -b
+        y = -c * self.d1(x)
+        tol = 8 * torch.finfo(x.dtype).eps * c.abs() * (1 + x.abs())
         it, res = 0, torch.zeros((), dtype=x.dtype, device=x.device)
         for it in range(1, self.max_iter + 1):  # noqa: B007 - the count is reported
-            g = c * self.d1(u) + u - x
+            g = c * self.d1(x + y) + y
             res = g.abs().max() if g.numel() else res
             if bool((g.abs() <= tol).all()):
                 break
-            a, b = torch.where(g < 0, u, a), torch.where(g > 0, u, b)
-            h = 1 + c * self.d2(u)
-            newton = u - g / torch.where(h > 0, h, torch.ones_like(h))
+            a, b = torch.where(g < 0, y, a), torch.where(g > 0, y, b)
+            h = 1 + c * self.d2(x + y)
+            newton = y - g / torch.where(h > 0, h, torch.ones_like(h))
             inside = (h > 0) & (newton > a) & (newton < b)
-            u = torch.where(inside, newton, (a + b) / 2)
-        g = c * self.d1(u) + u - x  # the residual of the returned point, not of the last iterate
+            y = torch.where(inside, newton, (a + b) / 2)
+        g = c * self.d1(x + y) + y  # the residual of the returned point, not of the last iterate
         res = g.abs().max() if g.numel() else res
         ok = bool((g.abs() <= tol).all())
         n_bad = int((~convex).sum())
         message = f"{NOT_CONVEX} for {n_bad} entries (|gamma lambda| too large)" if n_bad else ""
         if not ok and not message:
             message = CAP
-        return u, SolveInfo("closed form: 1-D safeguarded Newton", it, float(res), ok and not n_bad,
+        return y, SolveInfo("closed form: 1-D safeguarded Newton", it, float(res), ok and not n_bad,
                             message)
+
+    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+        """``u = x + y = argmin_u c sigma(u) + (u - x)^2/2``."""
+        y, info = self.increment(x, c)
+        return x + y, info
 
 
 def _sigmoid_d1(u: Tensor) -> Tensor:
@@ -161,9 +183,14 @@ class ReLUProx:
     slopes: tuple[float, ...] = (0.0, 1.0)
     fn: Callable[[Tensor], Tensor] = torch.relu
 
-    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+    def increment(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
         env = torch.where(c >= 0, torch.minimum(x.clamp_min(0), c), torch.where(x > c / 2, c, 0.0))
-        return x - env, SolveInfo("closed form: piecewise linear")
+        return -env, SolveInfo("closed form: piecewise linear")
+
+    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+        """``u = x + y = argmin_u c sigma(u) + (u - x)^2/2``."""
+        y, info = self.increment(x, c)
+        return x + y, info
 
 
 RELU = ReLUProx()
@@ -216,44 +243,52 @@ def squared_loss_env(z: Tensor, y: Tensor, gamma: float) -> Tensor:
 
 def cross_entropy_env(z: Tensor, labels: Tensor, gamma: float, tol: float | None = None,
                       max_iter: int = 50) -> tuple[Tensor, SolveInfo]:
-    """``grad env(gamma h)(z) = z - u`` for ``h(z) = (1/B) sum_i CE(z_i, y_i)``, where per sample
+    """``grad env(gamma h)(z) = -v`` for ``h(z) = (1/B) sum_i CE(z_i, y_i)``, where per sample
 
-        ``u_i = argmin_u  c (logsumexp(u) - u_{y_i}) + ||u - z_i||^2/2``,   ``c = gamma / B``.
+        ``v_i = argmin_v  c (logsumexp(z_i + v) - (z_i + v)_{y_i}) + ||v||^2/2``,   ``c = gamma / B``.
 
-    Batched Newton over the class dimension: the Hessian ``I + c (diag(p) - p p^T)`` is inverted by
+    Batched Newton over the class dimension on the increment ``v`` (never on ``u = z + v``, whose
+    difference with ``z`` cancels at small ``gamma``), from the linearised solution
+    ``v = -c (softmax(z) - onehot)``: the Hessian ``I + c (diag(p) - p p^T)`` is inverted by
     Sherman-Morrison in O(C) per sample; an Armijo backtracking per sample keeps every step a
     descent step. The problem is strongly convex for every ``gamma > 0`` (CE is convex).
+
+    ``tol`` defaults to the rounding level of the gradient, ``8 eps c (1 + max|z|) sqrt(C)``: relative
+    to the problem's scale ``c``, so it never exceeds the starting residual of a small step.
     """
     c = gamma / z.shape[0]
     onehot = F.one_hot(labels.long(), z.shape[1]).to(z.dtype)
-    tol = tol if tol is not None else 8 * torch.finfo(z.dtype).eps * (1 + z.abs().max().item()) * z.shape[1]
+    if tol is None:
+        zmax = z.abs().max().item() if z.numel() else 0.0
+        tol = 8 * torch.finfo(z.dtype).eps * c * (1 + zmax) * z.shape[1] ** 0.5
 
-    def value(u: Tensor) -> Tensor:
-        return c * (torch.logsumexp(u, 1) - (u * onehot).sum(1)) + 0.5 * ((u - z) ** 2).sum(1)
+    def value(v: Tensor) -> Tensor:
+        u = z + v
+        return c * (torch.logsumexp(u, 1) - (u * onehot).sum(1)) + 0.5 * (v * v).sum(1)
 
-    u = z.clone()
+    v = -c * (torch.softmax(z, 1) - onehot)
     it, res = 0, 0.0
     for it in range(max_iter + 1):  # noqa: B007 - the count is reported
-        p = torch.softmax(u, 1)
-        g = c * (p - onehot) + u - z
+        p = torch.softmax(z + v, 1)
+        g = c * (p - onehot) + v
         res = float(g.norm(dim=1).max()) if g.numel() else 0.0
         if res <= tol or it == max_iter:
             break
         dinv = 1 / (1 + c * p)
         dg, dp = dinv * g, dinv * p
         step = dg + c * dp * (p * dg).sum(1, keepdim=True) / (1 - c * (p * dp).sum(1, keepdim=True))
-        f0, slope = value(u), -(g * step).sum(1)
+        f0, slope = value(v), -(g * step).sum(1)
         # Differences below the rounding of f0 carry no sign: accept them (else Newton stalls).
         slack = rounding_slack(f0)
         t = torch.ones_like(f0)
         for _ in range(30):
-            bad = value(u - t[:, None] * step) > f0 + 1e-4 * t * slope + slack
+            bad = value(v - t[:, None] * step) > f0 + 1e-4 * t * slope + slack
             if not bool(bad.any()):
                 break
             t = torch.where(bad, t / 2, t)
-        u = u - t[:, None] * step
+        v = v - t[:, None] * step
     ok = res <= tol
-    return z - u, SolveInfo("closed form: batched Newton (cross-entropy)", it, res, ok, "" if ok else CAP)
+    return -v, SolveInfo("closed form: batched Newton (cross-entropy)", it, res, ok, "" if ok else CAP)
 
 
 def quadratic_env(A: Tensor, x: Tensor, alpha: float) -> Tensor:

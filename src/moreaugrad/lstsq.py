@@ -32,14 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_count
-from .solvers import gdot, gscale
+from .solvers import gdot, gscale, tolerance
 from .types import SolveInfo, Weights
 
 
 @dataclass(frozen=True)
 class Exact:
     """Solve exactly: the Gram closed form where one is registered (``Linear``, ``Conv2d``), else CG
-    to ``tol`` (at most ``max_iter`` steps)."""
+    to the relative tolerance ``||residual|| <= tol ||rhs||`` per group (at most ``max_iter`` steps;
+    ``tol`` is floored at the dtype's rounding level, see ``solvers.tolerance``)."""
 
     tol: float = 1e-10
     max_iter: int = 500
@@ -88,14 +89,24 @@ def cg(apply: Any, b: list[Tensor], steps: int, groups: int, tol: float = 0.0,
        dot: Any = None) -> tuple[list[Tensor], SolveInfo]:
     """Conjugate gradient for ``M x = b`` from ``x = 0``, per group; ``M`` must be SPD.
 
+    With ``tol > 0`` it stops when every group's residual is below ``tolerance(tol, ||b_g||)``
+    (relative to the right-hand side); with ``tol = 0`` it runs ``steps`` steps (``CG(k)``).
     ``dot`` is the inner product of the coordinates (default: the Euclidean one per group). A
     non-positive ``<p, M p>`` (``M`` not positive definite) stops the solve and is reported.
     """
     gdot_ = dot if dot is not None else (lambda u, v: gdot(u, v, groups))
+    # CG is linear in b: run it on b scaled to unit size per group, so that <r, r> of a tiny right-
+    # hand side (a signal decayed over many stages) does not underflow to 0 in float32.
+    unit = torch.stack([t.detach().abs().amax() for t in b]).amax() if b else None
+    if unit is not None and 0 < float(unit) and not (2 ** -20 < float(unit) < 2 ** 20):
+        unit = torch.exp2(torch.floor(torch.log2(unit)))  # a power of 2: the scaling is exact
+        x, info = cg(apply, [t / unit for t in b], steps, groups, tol, dot)
+        return [xi * unit for xi in x], info
     x = [torch.zeros_like(t) for t in b]
     r = list(b)
     p = list(b)
     rr = gdot_(r, r)
+    bound = tolerance(tol, rr.sqrt())
     it, message = 0, ""
     for it in range(1, steps + 1):  # noqa: B007 - reported
         Ap = apply(p)
@@ -109,14 +120,14 @@ def cg(apply: Any, b: list[Tensor], steps: int, groups: int, tol: float = 0.0,
         x = [xi + gscale(a, pi, groups) * pi for xi, pi in zip(x, p, strict=True)]
         r = [ri - gscale(a, qi, groups) * qi for ri, qi in zip(r, Ap, strict=True)]
         rr_new = gdot_(r, r)
-        if float(rr_new.max().sqrt()) <= tol:
+        if bool((rr_new.sqrt() <= bound).all()):
             rr = rr_new
             break
         beta = torch.where(live, rr_new / rr.where(live, torch.ones_like(rr)), 0.0)
         p = [ri + gscale(beta, pi, groups) * pi for ri, pi in zip(r, p, strict=True)]
         rr = rr_new
     res = float(rr.max().sqrt()) if rr.numel() else 0.0
-    ok = not message and res <= tol
+    ok = not message and bool((rr.sqrt() <= bound).all())
     return x, SolveInfo(f"conjugate gradient ({steps} steps max)", it, res,
                         None if (tol == 0 and not message) else ok, message)
 
@@ -140,6 +151,11 @@ class _Rows:
         if self.conv:  # (B, C, H, W) -> (B * H * W, C)
             return r.flatten(2).transpose(1, 2).reshape(-1, r.shape[1])
         return r.reshape(-1, r.shape[-1])
+
+    def stack(self, w: Weights) -> Tensor:
+        """``W~ = [W, b]`` (``out x in~``) from the stage's weights, the inverse of :meth:`weights`."""
+        W = w["weight"].reshape(self.weight_shape[0], -1)
+        return torch.cat([W, w["bias"][:, None]], 1) if self.bias else W
 
     def weights(self, d: Tensor) -> Weights:
         out = {"weight": d[:, : self.weight_shape[1:].numel()].reshape(self.weight_shape)}
@@ -167,16 +183,20 @@ def _rows(site: Any) -> _Rows | None:
     return _Rows(a, site.x.shape, m.weight.shape, m.bias is not None, conv)
 
 
-def _ridge_rows(R: Tensor, a: Tensor, kappa: float, c: float) -> Tensor:
-    """``R^T a (kappa a^T a + c I)^{-1}`` for rows ``R`` (``N x out``): one symmetric solve of size
-    ``in~`` (004 eq. 44), or of size ``N`` when the batch is the smaller side, by the push-through
-    identity ``a (kappa a^T a + c I)^{-1} = (kappa a a^T + c I)^{-1} a``."""
+def _ridge_rows(R: Tensor, a: Tensor, kappa: float, c: float, extra: Tensor | None = None) -> Tensor:
+    """``(R^T a + extra) (kappa a^T a + c I)^{-1}`` for rows ``R`` (``N x out``): one symmetric
+    solve of size ``in~`` (004 eq. 44), or of size ``N`` when the batch is the smaller side and
+    there is no ``extra``, by the push-through identity
+    ``a (kappa a^T a + c I)^{-1} = (kappa a a^T + c I)^{-1} a``."""
     n, k = a.shape
-    if c > 0 and n < k:
+    if c == 0 and extra is None:  # minimum-norm least squares: pinv(a), not pinv(a^T a) (cond^2)
+        return (torch.linalg.pinv(a) @ R).T / kappa
+    if c > 0 and n < k and extra is None:
         small = kappa * (a @ a.T) + c * torch.eye(n, dtype=a.dtype, device=a.device)
         return _sym_solve(small, R, c).T @ a
     K = kappa * (a.T @ a) + c * torch.eye(k, dtype=a.dtype, device=a.device)
-    return _sym_solve(K, (R.T @ a).T, c).T
+    rhs = R.T @ a if extra is None else R.T @ a + extra
+    return _sym_solve(K, rhs.T, c).T
 
 
 def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
@@ -189,43 +209,50 @@ def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
 
 
 def _cg_rows(R: Tensor, a: Tensor, kappa: float, c: float, steps: int,
-             tol: float) -> tuple[Tensor, SolveInfo]:
-    """CG on ``V (kappa a^T a + c I) = R^T a`` over weights ``V`` of shape ``(out, in~)``.
+             tol: float, extra: Tensor | None = None) -> tuple[Tensor, SolveInfo]:
+    """CG on ``V (kappa a^T a + c I) = R^T a + extra`` over weights ``V`` of shape ``(out, in~)``.
 
-    Every iterate lies in the row space of ``a`` (the right-hand side does, and the operator keeps
-    it there), so when the batch ``N`` is below ``in~`` CG runs on coefficients ``Z`` with
+    Without ``extra`` every iterate lies in the row space of ``a`` (the right-hand side does, and
+    the operator keeps it there), so when the batch ``N`` is below ``in~`` CG runs on coefficients
+    ``Z`` with
     ``V = Z a``: the operator is ``Z -> kappa Z S + c Z`` and ``<V1, V2> = <Z1 S, Z2>`` with
     ``S = a a^T`` (``N x N``). Same iterates, steps of ``out N^2`` instead of ``2 out N in~`` flops.
     """
     n, k = a.shape
-    if n < k:
+    if n < k and extra is None:
         S = a @ a.T
         (z,), info = cg(lambda v: [kappa * (v[0] @ S) + c * v[0]], [R.T], steps, 1, tol,
                         dot=lambda u, v: torch.dot((u[0] @ S).reshape(-1), v[0].reshape(-1)).reshape(1))
         return z @ a, info
-    (d,), info = cg(lambda v: [kappa * ((a @ v[0].T).T @ a) + c * v[0]], [R.T @ a], steps, 1, tol)
+    rhs = R.T @ a if extra is None else R.T @ a + extra
+    (d,), info = cg(lambda v: [kappa * ((a @ v[0].T).T @ a) + c * v[0]], [rhs], steps, 1, tol)
     return d, info
 
 
 def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
-                 method: Method, jtr: Weights | None = None) -> tuple[Weights, SolveInfo]:
-    """``delta_w = -(scale + kappa) (kappa J_w^T J_w + c I)^{-1} J_w^T r`` (see the module doc).
+                 method: Method, jtr: Weights | None = None, mu: float = 0.0) -> tuple[Weights, SolveInfo]:
+    """``delta_w = -(kappa J_w^T J_w + (c + mu) I)^{-1} ((scale + kappa) J_w^T r + mu w)``: the
+    module doc's problem plus ``r(v) = mu ||v||^2/2`` inside it (000 App. D.6; ``mu = 0``: none).
 
     ``Linear`` and ``Conv2d`` work on rows (no forward-mode AD, no input gradient). ``jtr``, when
     the caller has it, is ``J_w^T r`` and saves a vjp on the generic path.
     """
     rows = _rows(site)
     steps, tol = _budget(method)
+    s = scale + kappa
+    w_now = {n: v.detach() for n, v in site.w.items()}
     if rows is not None:
         a, R = rows.a, rows.rows(r)
+        extra = mu * rows.stack(w_now) if mu else None
+        R = R if s == 1 else s * R
         if isinstance(method, Exact):
-            d, info = _ridge_rows(R, a, kappa, c), SolveInfo("closed form: Gram solve")
+            d, info = _ridge_rows(R, a, kappa, c + mu, extra), SolveInfo("closed form: Gram solve")
         else:
-            d, info = _cg_rows(R, a, kappa, c, steps, tol)
-        return rows.weights(-(scale + kappa) * d), info
+            d, info = _cg_rows(R, a, kappa, c + mu, steps, tol, extra)
+        return rows.weights(-d), info
     names = list(site.w)
     g = jtr if jtr is not None else site.vjp(r)[1]  # J_w^T r, exact on the recorded graph
-    w = [site.w[n].detach() for n in names]
+    w = [w_now[n] for n in names]
 
     def phi_w(*v: Tensor) -> Tensor:
         return site.phi(dict(zip(names, v, strict=True)))
@@ -233,10 +260,11 @@ def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
     def apply(v: list[Tensor]) -> list[Tensor]:
         _, jv = jvp(phi_w, tuple(w), tuple(v))
         _, jtjv = site.vjp(jv)
-        return [kappa * jtjv[n] + c * vi for n, vi in zip(names, v, strict=True)]
+        return [kappa * jtjv[n] + (c + mu) * vi for n, vi in zip(names, v, strict=True)]
 
-    x, info = cg(apply, [g[n] for n in names], steps, 1, tol)
-    return {n: -(scale + kappa) * xi for n, xi in zip(names, x, strict=True)}, info
+    rhs = [s * g[n] + mu * wi if mu else s * g[n] for n, wi in zip(names, w, strict=True)]
+    x, info = cg(apply, rhs, steps, 1, tol)
+    return {n: -xi for n, xi in zip(names, x, strict=True)}, info
 
 
 # -- the state problem --------------------------------------------------------------------------

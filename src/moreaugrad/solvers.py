@@ -5,8 +5,15 @@ value per *group*: ``G = B`` groups (one per sample) for problems that separate 
 (every state rule on a stage that does not mix samples), ``G = 1`` otherwise. Step sizes, line
 searches and convergence are per group, with no Python loop over samples.
 
-Each solver has one method ``solve(fun, z0) -> (z, SolveInfo)`` and reports its iterations, the
-final residual ``max_g ||grad_g F||`` and whether it met its tolerance. It stops early on a
+Each solver has one method ``solve(fun, z0, start=None, scale=None) -> (z, SolveInfo)`` and reports
+its iterations, the final residual ``max_g ||grad_g F||`` and whether it met its tolerance.
+
+Tolerances are relative, never absolute: a group has converged when ``||grad_g F(z)|| <= tol_g`` with
+``tol_g = max(tol, RTOL_FLOOR eps) * scale_g`` (``tol = 0``: none) and ``scale_g = ||grad_g F(z0)||``
+(or the ``scale`` the caller passes, e.g. the gradient at 0 for a warm start). A small problem (a small step, a
+small signal) is therefore solved as accurately as a large one, and no solve stops at iteration 0
+because its tolerance exceeds its starting residual; ``eps`` is the dtype's, so a float32 solve asks
+for what float32 can resolve. It stops early on a
 non-finite iterate or on a witness that the subproblem is not strongly convex (non-positive
 curvature ``<s, grad F(z + s) - grad F(z)>`` along a step), and says so in ``SolveInfo.message``.
 """
@@ -43,6 +50,17 @@ def _inverse_curvature(curv: Tensor) -> Tensor:
     """``1 / curv`` where the curvature is positive, else 0 (the pair drops out of L-BFGS)."""
     usable = curv > 0
     return torch.where(usable, 1.0 / curv.where(usable, torch.ones_like(curv)), 0.0)
+
+
+RTOL_FLOOR = 64  # the smallest relative tolerance, in units of the dtype's eps
+
+
+def tolerance(tol: float, scale: Tensor) -> Tensor:
+    """Per group, ``max(tol, RTOL_FLOOR eps) * scale``: the stopping threshold of a relative test
+    (``tol = 0`` asks for exactly 0: run to the iteration cap)."""
+    if tol == 0:
+        return torch.zeros_like(scale)
+    return max(tol, RTOL_FLOOR * torch.finfo(scale.dtype).eps) * scale
 
 
 def rounding_slack(f: Tensor) -> Tensor:
@@ -111,14 +129,15 @@ def _check_tol(owner: str, tol: float | None, max_iter: int) -> None:
 
 
 def run(method: str, step: Callable[..., tuple[list[Tensor], Evaluated | None]], fun: Objective,
-        z0: Sequence[Tensor],
-        tol: float | None, max_iter: int, start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
+        z0: Sequence[Tensor], tol: float | None, max_iter: int, start: Start | None = None,
+        scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
     """The loop every solver shares: ``z_{k+1} = step(fun, z_k, F_k, g_k, history, last)``.
 
     A step returns the new iterate and, if it already evaluated them there, ``(F, grad F)``;
     ``last`` tells it that no gradient will be taken at its result.
 
-    It stops at ``max_g ||g_g|| <= tol``, at ``max_iter`` steps, at a non-finite value or gradient,
+    It stops when every group meets ``||g_g|| <= tolerance(tol, scale)_g`` (``scale`` defaults to
+    ``||grad F(z0)||`` per group), at ``max_iter`` steps, at a non-finite value or gradient,
     or at a negative-curvature witness along a step (the subproblem is not strongly convex).
 
     With ``tol=None`` it runs exactly ``max_iter`` steps (000 App. E.2.1 runs two) and skips the
@@ -129,9 +148,10 @@ def run(method: str, step: Callable[..., tuple[list[Tensor], Evaluated | None]],
     f, g = start if start is not None else value_and_grad(fun, z)
     G = _groups_of(f)
     res = gdot(g, g, G).sqrt()
+    bound = None if tol is None else tolerance(tol, res if scale is None else scale.reshape(res.shape))
     hist: History = []
     it, message = 0, ""
-    while it < max_iter and (tol is None or float(res.max()) > tol):
+    while it < max_iter and (bound is None or bool((res > bound).any())):
         if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(res).all())):
             message = NON_FINITE
             break
@@ -157,9 +177,9 @@ def run(method: str, step: Callable[..., tuple[list[Tensor], Evaluated | None]],
     r = float(res.max()) if res.numel() else 0.0
     if message:
         return z, SolveInfo(method, it, r, False, message)
-    if tol is None:
+    if bound is None:
         return z, SolveInfo(method, it, r, None, f"fixed {max_iter} steps; residual before the last step")
-    converged = r <= tol
+    converged = bool((res <= bound).all())
     return z, SolveInfo(method, it, r, converged, "" if converged else CAP)
 
 
@@ -180,12 +200,12 @@ class GradientDescent:
         if not self.step > 0:
             raise ValueError(f"GradientDescent: step must be > 0, got {self.step!r}")
 
-    def solve(self, fun: Objective, z0: Sequence[Tensor],
-              start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
+    def solve(self, fun: Objective, z0: Sequence[Tensor], start: Start | None = None,
+              scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
         def step(fun, z, f, g, hist, last):
             return [x - self.step * y for x, y in zip(z, g, strict=True)], None
 
-        return run("gradient descent", step, fun, z0, self.tol, self.max_iter, start)
+        return run("gradient descent", step, fun, z0, self.tol, self.max_iter, start, scale)
 
 
 def goldstein(fun: Objective, z: list[Tensor], f: Tensor, g: list[Tensor], c: float = 0.25,
@@ -243,8 +263,8 @@ class QuasiNewton:
     def __post_init__(self) -> None:
         _check_tol("QuasiNewton", self.tol, self.max_iter)
 
-    def solve(self, fun: Objective, z0: Sequence[Tensor],
-              start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
+    def solve(self, fun: Objective, z0: Sequence[Tensor], start: Start | None = None,
+              scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
         def step(fun, z, f, g, hist, last):
             G = _groups_of(f)
             evaluated = None
@@ -260,7 +280,7 @@ class QuasiNewton:
             return axpy(z, -s, g, G), evaluated
 
         return run("quasi-Newton (Goldstein + Barzilai-Borwein)", step, fun, z0, self.tol, self.max_iter,
-                   start)
+                   start, scale)
 
 
 @dataclass(frozen=True)
@@ -275,8 +295,8 @@ class LBFGS:
         _check_tol("LBFGS", self.tol, self.max_iter)
         check_count("LBFGS", "memory", self.memory)
 
-    def solve(self, fun: Objective, z0: Sequence[Tensor],
-              start: Start | None = None) -> tuple[list[Tensor], SolveInfo]:
+    def solve(self, fun: Objective, z0: Sequence[Tensor], start: Start | None = None,
+              scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
         def step(fun, z, f, g, hist, last):
             G = _groups_of(f)
             # Two-loop recursion d = -H g; pairs without positive curvature (groups that did not
@@ -307,5 +327,5 @@ class LBFGS:
                     t = torch.where(bad, t / 2, t)
             return axpy(z, t, d, G), None
 
-        return run("L-BFGS", step, fun, z0, self.tol, self.max_iter, start)
+        return run("L-BFGS", step, fun, z0, self.tol, self.max_iter, start, scale)
 

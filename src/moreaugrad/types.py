@@ -41,23 +41,66 @@ class Dual:
     def dual(self, x: Tensor, beta: float = 1.0) -> Tensor:  # noqa: ARG002 - same signature as Target
         return self.value
 
+    def residual(self, x: Tensor, beta: float = 1.0) -> Tensor:  # noqa: ARG002
+        """``r = x - x^+ = lambda / beta`` (000 Prop. 2.2 read backwards), formed without ``x^+``."""
+        return self.value if beta == 1 else self.value / beta
+
     def target(self, x: Tensor, beta: float = 1.0) -> Tensor:
-        """``x^+ = x - lambda / beta`` (000 Prop. 2.2 read backwards)."""
-        return x - self.value / beta
+        """``x^+ = x - lambda / beta``."""
+        return x - self.residual(x, beta)
 
 
-@dataclass(frozen=True)
 class Target:
-    """A target state ``x_t^+``, shaped like the state ``x_t`` (batch first)."""
+    """A target state ``x_t^+``, shaped like the state ``x_t`` (batch first).
 
-    value: Tensor
+    Rules build a target as the point it moves plus the move, ``x^+ = point - residual``
+    (:meth:`moved`), and read back the residual ``r = x - x^+`` itself: forming ``x^+`` and then
+    subtracting it from ``x`` again would lose every digit of a small move to cancellation. A target
+    given as a bare value (``Target(value)``) is read as ``x - value``.
+    """
+
+    __slots__ = ("_value", "point", "_residual")
+
+    def __init__(self, value: Tensor | None = None, *, point: Tensor | None = None,
+                 residual: Tensor | None = None):
+        if (value is None) == (residual is None) or (residual is not None and point is None):
+            raise TypeError("Target: give either value, or point and residual")
+        self._value, self.point, self._residual = value, point, residual
+
+    @classmethod
+    def moved(cls, point: Tensor, residual: Tensor) -> Target:
+        """The target ``point - residual``, kept as the pair."""
+        return cls(point=point, residual=residual)
+
+    @property
+    def value(self) -> Tensor:
+        """``x^+`` itself (formed on demand)."""
+        return self._value if self._value is not None else self.point - self._residual
+
+    def residual(self, x: Tensor, beta: float = 1.0) -> Tensor:  # noqa: ARG002 - same as Dual
+        """``r = x - x^+``: the stored move when ``x`` is the point it was built on, else ``x - x^+``."""
+        if self._residual is not None and _same(self.point, x):
+            return self._residual
+        return x - self.value
 
     def dual(self, x: Tensor, beta: float = 1.0) -> Tensor:
         """``lambda = beta (x - x^+)`` (000 Prop. 2.2)."""
-        return beta * (x - self.value)
+        r = self.residual(x)
+        return r if beta == 1 else beta * r
 
     def target(self, x: Tensor, beta: float = 1.0) -> Tensor:  # noqa: ARG002
         return self.value
+
+    def __repr__(self) -> str:
+        return f"Target({self.value!r})"
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same values: the same tensor, or views of one storage."""
+    if a is b:
+        return True
+    return (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and a.data_ptr() == b.data_ptr() and a.stride() == b.stride())
 
 
 Signal = Dual | Target

@@ -11,6 +11,8 @@ With ``grad env(f)(x) = -argmin_y f(x + y) + ||y||^2/2`` (000 Sec. 1):
 
 Each inner problem is resolved by a closed form registered for the stage type when there is one
 (linear maps, elementwise activations, squared loss, cross-entropy), else by the rule's solver.
+Every problem is solved for the increment (``y``, ``v - w``) and the signal or direction is read off
+the increment, never as the difference of the new point and the old one (float32 cancellation).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 
 from .. import envelope
 from ..checks import check_positive
-from ..losses import CrossEntropy, SquaredLoss
+from ..losses import L2, CrossEntropy, SquaredLoss
 from ..solvers import QuasiNewton, gdot
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
 from .grad import objective_value
@@ -188,9 +190,11 @@ class Moreau(LineRule):
 # -- generic entries: any stage, any objective --------------------------------------------------
 
 
-def _solve(rule: Moreau, t: int, fun: Any, z0: list[Tensor],
-           start: Any = None) -> tuple[list[Tensor], SolveInfo]:
-    return rule.solver_for(t).solve(fun, z0, start)
+def _solve(rule: Moreau, t: int, fun: Any, z0: list[Tensor], start: Any = None,
+           scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
+    if scale is None:
+        return rule.solver_for(t).solve(fun, z0, start)
+    return rule.solver_for(t).solve(fun, z0, start, scale=scale)
 
 
 def generic_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
@@ -201,17 +205,19 @@ def generic_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     x = site.x_prev.detach()
     B = site.groups
 
+    x_t = site.x.detach()
+
     def fun(z: list[Tensor]) -> Tensor:
         (y,) = z
-        return gamma * gdot([lam], [site.phi(x=x + y)], B) + 0.5 * gdot([y], [y], B)
+        # Relative to the constant gamma <lam, x_t>, so that values resolve a small move.
+        return gamma * gdot([lam], [site.phi(x=x + y) - x_t], B) + 0.5 * gdot([y], [y], B)
 
+    # At y = 0 the value and gradient come from the recorded graph: F = 0, grad F = gamma vjp_x(lam).
+    g0 = gamma * site.vjp(lam, weights=False)[0]
     if rule.warm_start:
-        (y,), info = _solve(rule, site.t, fun, [-gamma * site.vjp(lam, weights=False)[0]])
+        (y,), info = _solve(rule, site.t, fun, [-g0], scale=gdot([g0], [g0], B).sqrt())
     else:
-        # At y = 0 the value and gradient come from the recorded graph: F = gamma <lam, x_t>,
-        # grad F = gamma vjp_x(lam). No re-evaluation of phi_t.
-        f0 = gamma * gdot([lam], [site.x.detach()], B)
-        g0 = gamma * site.vjp(lam, weights=False)[0]
+        f0 = torch.zeros(B, dtype=x.dtype, device=x.device)
         (y,), info = _solve(rule, site.t, fun, [torch.zeros_like(x)], (f0, [g0]))
     return StateUpdate(Dual(-beta * y), info)
 
@@ -225,23 +231,25 @@ def generic_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
     w = [site.w[n].detach() for n in names]
     reg = site.regularizer
 
+    x_t = site.x.detach()
+
     def fun(z: list[Tensor]) -> Tensor:
+        # Relative to the value at z = 0, so that values resolve a small move.
         v = [wi + zi for wi, zi in zip(w, z, strict=True)]
-        val = alpha * gdot([lam], [site.phi(dict(zip(names, v, strict=True)))], 1)
+        val = alpha * gdot([lam], [site.phi(dict(zip(names, v, strict=True))) - x_t], 1)
         if reg is not None:
-            val = val + alpha * sum(reg(vi) for vi in v)
+            val = val + alpha * sum(reg(vi) - reg(wi) for vi, wi in zip(v, w, strict=True))
         return val + 0.5 * gdot(z, z, 1)
 
     g0 = site.vjp(lam)[1]
     if reg is not None:
         g0 = {n: g0[n] + reg.grad(wi) for n, wi in zip(names, w, strict=True)}
     if rule.warm_start:
-        z, info = _solve(rule, site.t, fun, [-alpha * g0[n] for n in names])
+        scale = gdot([alpha * g0[n] for n in names], [alpha * g0[n] for n in names], 1).sqrt()
+        z, info = _solve(rule, site.t, fun, [-alpha * g0[n] for n in names], scale=scale)
     else:
         # At v = w the value and gradient come from the recorded graph (no re-evaluation).
-        f0 = alpha * gdot([lam], [site.x.detach()], 1)
-        if reg is not None:
-            f0 = f0 + alpha * sum(reg(wi) for wi in w)
+        f0 = torch.zeros(1, dtype=x_t.dtype, device=x_t.device)
         z, info = _solve(rule, site.t, fun, [torch.zeros_like(wi) for wi in w],
                          (f0, [alpha * g0[n] for n in names]))
     return WeightUpdate({n: -zi / alpha for n, zi in zip(names, z, strict=True)}, alpha, info)
@@ -250,9 +258,12 @@ def generic_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
 def generic_objective(rule: Moreau, h: Any, z: Tensor, target: Any, gamma: float) -> tuple[Tensor, SolveInfo]:
     """``grad env(gamma h)(z) = -argmin_y gamma h(z + y) + ||y||^2/2`` (``h`` couples the batch)."""
 
+    h0 = h(z, target).detach()
+
     def fun(v: list[Tensor]) -> Tensor:
         (y,) = v
-        return (gamma * h(z + y, target) + 0.5 * y.pow(2).sum()).reshape(1)
+        # Relative to gamma h(z), so that values resolve a small move.
+        return (gamma * (h(z + y, target) - h0) + 0.5 * y.pow(2).sum()).reshape(1)
 
     (y,), info = rule.solver.solve(fun, [torch.zeros_like(z)])
     return -y, info
@@ -289,6 +300,9 @@ def linear_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
     reg = site.regularizer
     if reg is None:
         return WeightUpdate(dw, alpha, SolveInfo("closed form: linear"))
+    if isinstance(reg, L2):  # (w - prox(w - alpha g)) / alpha, without the round trip through w^+
+        d = {n: (g + reg.mu * site.w[n].detach()) / (1 + alpha * reg.mu) for n, g in dw.items()}
+        return WeightUpdate(d, alpha, SolveInfo("closed form: linear"))
     if not hasattr(reg, "prox"):  # a custom regulariser without a prox: solve the problem as is
         return generic_weight(rule, site, signal)
     d = {}
@@ -304,8 +318,8 @@ def activation_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     ``lambda_{t-1} = beta (x - u)``."""
     gamma, beta = rule.schedule.dual(site.t - 1, site.horizon)
     x = site.x_prev.detach()
-    u, info = envelope.activation(site.stage.module).prox(x, gamma * signal.dual(site.x.detach()))
-    return StateUpdate(Dual(beta * (x - u)), info)
+    y, info = envelope.activation(site.stage.module).increment(x, gamma * signal.dual(site.x.detach()))
+    return StateUpdate(Dual(-beta * y), info)
 
 
 @register(Moreau, "objective", SquaredLoss)

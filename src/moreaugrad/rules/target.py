@@ -4,6 +4,11 @@ the augmented Lagrangian (004; 000 Sec. 3.2, App. D.4-D.6, Algo 7-13; 001 IBP).
 These rules propagate targets ``x_t^+``. A dual signal ``lambda_t`` met on the way is read as the
 target ``x_t^+ = x_t - lambda_t / beta`` with the rule's own ``beta`` (001: ``x_t^+ = x_t - lambda_t``).
 
+Every subproblem is written in the increment: rules read the residual ``r_t = x_t - x_t^+`` as such
+(``tau lambda``, or the move a target was built from, :class:`~moreaugrad.types.Target`), solve for
+``v = x^+ - x`` or ``u = w^+ - w`` and return ``d = -u / s``. Nothing forms ``x^+`` and subtracts
+``x`` from it again: in float32 at a step of 1e-5 that round trip loses every digit.
+
 With ``r_t = x_t - x_t^+`` and ``lambda_t^+ = beta r_t`` (000 Fact D.3), the augmented-Lagrangian
 lines are (000 Algo 8-9):
 
@@ -30,6 +35,7 @@ from torch import Tensor, nn
 
 from .. import envelope
 from ..checks import check_positive
+from ..losses import L2
 from ..lstsq import CG, Exact, Method, solve_state, solve_weight
 from ..solvers import LBFGS, gdot
 from ..types import Dual, Signal, SolveInfo, StateUpdate, Target, WeightUpdate
@@ -38,6 +44,7 @@ from .moreau import LINEAR, Moreau
 from .registry import LineRule, check_solve, lookup, register
 
 INF = math.inf
+UNREACHABLE = "target has no preimage"
 
 
 def _check_nonneg(owner: str, name: str, value: Any) -> None:
@@ -57,9 +64,18 @@ def _check_method(owner: str, method: Any) -> None:
                         f"{type(method).__name__}")
 
 
-def _target(signal: Signal, x: Tensor, beta: float) -> Tensor:
-    """``x^+``: the signal itself, or ``x - lambda / beta`` (``beta = 1`` when the rule has none)."""
-    return signal.target(x, beta if beta > 0 else 1.0)
+def _residual(signal: Signal, x: Tensor, beta: float) -> Tensor:
+    """``r = x - x^+``: the target's own move, or ``lambda / beta`` (``beta = 1`` when the rule has
+    none), never formed through ``x^+``."""
+    return signal.residual(x, beta if beta > 0 else 1.0)
+
+
+def _regularizer_mu(site: Any) -> float | None:
+    """``mu`` of an ``L2`` regulariser on the site (0 without one), None for any other regulariser."""
+    reg = site.regularizer
+    if reg is None:
+        return 0.0
+    return float(reg.mu) if isinstance(reg, L2) else None
 
 
 # -- 004 Algo 1: back-propagation as gradient steps on the penalty energy -----------------------
@@ -82,16 +98,14 @@ class Explicit(LineRule):
     def objective(self, h: Any, output: Tensor, target: Any, horizon: int) -> tuple[Tensor, Signal, None]:
         loss, out = objective_value(h, output, target)
         (g,) = torch.autograd.grad(loss, out)
-        return loss.detach(), Target(output.detach() - self.tau * g), None
+        return loss.detach(), Target.moved(output.detach(), self.tau * g), None
 
     def state(self, site: Any, signal: Signal) -> StateUpdate:
-        x = site.x.detach()
-        dx, _ = site.vjp(x - _target(signal, x, 1 / self.tau), weights=False)
-        return StateUpdate(Target(site.x_prev.detach() - dx))
+        dx, _ = site.vjp(_residual(signal, site.x.detach(), 1 / self.tau), weights=False)
+        return StateUpdate(Target.moved(site.x_prev.detach(), dx))
 
     def weight(self, site: Any, signal: Signal) -> WeightUpdate:
-        x = site.x.detach()
-        _, dw = site.vjp(x - _target(signal, x, 1 / self.tau))
+        _, dw = site.vjp(_residual(signal, site.x.detach(), 1 / self.tau))
         return WeightUpdate(regularized(site, {n: g / self.tau for n, g in dw.items()}), self.tau,
                             SolveInfo("vjp"))
 
@@ -107,8 +121,9 @@ class Proximal(LineRule):
 
     ``d_t = (w_t - w_t^+)/tau = (I/tau_theta + A^T A)^{-1} grad_{w_t}`` for ``phi_t`` linear in ``w``
     (a Gauss-Newton step otherwise), with step ``tau``. The last stage with weights stays explicit
-    (004 eq. 12) unless ``explicit_last=False``. A regulariser ``r_t`` enters explicitly: ``d_t +=
-    grad r_t(w_t)``.
+    (004 eq. 12) unless ``explicit_last=False``. 004 defines ProxProp without a regulariser, so
+    ``r_t`` enters explicitly, ``d_t += grad r_t(w_t)``, not inside the proximal problem (unlike
+    :class:`Augmented` and the Moreau rule, 000 App. D.6).
 
     Args:
         tau_theta: the proximal step (the metric), > 0.
@@ -127,8 +142,7 @@ class Proximal(LineRule):
         _check_method("proxprop", self.method)
 
     def weight(self, site: Any, signal: Signal) -> WeightUpdate:
-        x = site.x.detach()
-        r = x - _target(signal, x, 1 / self.tau)  # = tau lambda
+        r = _residual(signal, site.x.detach(), 1 / self.tau)  # = tau lambda
         if self.explicit_last and site.last_weighted:  # 004 eq. 12: d = grad = J_w^T lambda, lambda = r / tau
             # a dual signal is passed as is, so the state line's vjp is shared
             _, dw = site.vjp(signal.value if isinstance(signal, Dual) else r / self.tau)
@@ -152,7 +166,11 @@ class Augmented(LineRule):
         proximal: False drops the state's proximal term entirely (plain target propagation).
         method: linear solves on stages linear in the variable: ``Exact()`` or ``CG(k)``.
         solver: the generic solver for every other stage.
-        strict: raise on a non-finite iterate or a subproblem found not to be strongly convex.
+        strict: raise on a non-finite iterate, a subproblem found not to be strongly convex, or a
+            target with no preimage (plain target propagation).
+
+    A stage regulariser ``r_t`` enters the weight problem itself (000 App. D.6): ``L2`` in closed
+    form on linear stages, any other regulariser through the generic solver.
     """
 
     kappa: float = 0.0
@@ -174,6 +192,10 @@ class Augmented(LineRule):
         if not hasattr(self.solver, "solve"):
             raise TypeError(f"{name}: solver must have a .solve(fun, z0) method, got "
                             f"{type(self.solver).__name__}")
+        if self.kappa == 0 and self.beta == 0:
+            raise ValueError(f"{name}: kappa and beta are both 0, so no subproblem sees the signal and "
+                             f"every direction is identically zero; take kappa > 0 (target "
+                             f"propagation) or beta > 0 (Moreau)")
         if self.kappa == 0 and (self.gamma == INF or self.alpha == INF):
             raise ValueError(f"{name}: with kappa = 0 both gamma and alpha must be finite (else a "
                              f"subproblem has no minimiser), got gamma={self.gamma}, alpha={self.alpha}")
@@ -198,131 +220,198 @@ class Augmented(LineRule):
         moreau = Moreau(solver=self.solver)
         env, info = lookup(moreau, "objective", h)(moreau, h, z, target, 1 / m)
         check_solve(type(self).__name__, self.strict, "objective subproblem", info)
-        return loss.detach(), Target(z - env), info
+        return loss.detach(), Target.moved(z, env), info
 
-    def terms(self, site: Any, signal: Signal) -> tuple[Tensor, Tensor, float, float]:
-        """``(x_t^+, r_t, scale, kappa)`` of the subproblems; plain TP solves ``||phi - x^+||^2/2``."""
-        x = site.x.detach()
-        xp = _target(signal, x, self.beta)
+    def terms(self, site: Any, signal: Signal) -> tuple[Tensor, float, float]:
+        """``(r_t, scale, kappa)`` of the subproblems, ``r_t = x_t - x_t^+``; plain TP solves
+        ``||phi - x^+||^2/2``."""
+        r = _residual(signal, site.x.detach(), self.beta)
         scale, kappa = (self.beta, self.kappa) if self.proximal else (0.0, 1.0)
-        return xp, x - xp, scale, kappa
+        return r, scale, kappa
+
+
+def _moved(site: Any, v: Tensor) -> Target:
+    """The target ``x_{t-1}^+ = x_{t-1} + v`` of the previous stage, kept as its move."""
+    return Target.moved(site.x_prev.detach(), -v)
 
 
 @register(Augmented, "state", *LINEAR)
 def augmented_linear_state(rule: Augmented, site: Any, signal: Signal) -> StateUpdate:
-    """``phi_t`` affine in ``x``: ``delta = -(beta + kappa)(kappa A^T A + c I)^{-1} A^T r``."""
-    _, r, scale, kappa = rule.terms(site, signal)
+    """``phi_t`` affine in ``x``: ``v = -(beta + kappa)(kappa A^T A + c I)^{-1} A^T r``."""
+    r, scale, kappa = rule.terms(site, signal)
     delta, info = solve_state(site, r, scale, kappa, rule.c_state, rule.method, site.groups)
-    return StateUpdate(Target(site.x_prev.detach() + delta), info)
+    return StateUpdate(_moved(site, delta), info)
 
 
 @register(Augmented, "weight", *LINEAR)
 def augmented_linear_weight(rule: Augmented, site: Any, signal: Signal) -> WeightUpdate:
-    """``phi_t`` linear in ``w``: ``Delta = -(beta + kappa)(kappa A^T A + I/alpha)^{-1} A^T r``."""
-    _, r, _, _ = rule.terms(site, signal)
-    delta, info = solve_weight(site, r, rule.beta, rule.kappa, rule.c_weight, rule.method)
-    return WeightUpdate(regularized(site, {n: -d / rule.step for n, d in delta.items()}), rule.step, info)
+    """``phi_t`` linear in ``w``: ``u = -(kappa A^T A + (1/alpha + mu) I)^{-1} ((beta + kappa) A^T r
+    + mu w)``, with ``r_t = mu ||.||^2/2`` inside the problem (000 App. D.6)."""
+    mu = _regularizer_mu(site)
+    if mu is None:  # a regulariser other than L2: solve the problem as written
+        return augmented_generic_weight(rule, site, signal)
+    r, _, _ = rule.terms(site, signal)
+    delta, info = solve_weight(site, r, rule.beta, rule.kappa, rule.c_weight, rule.method, mu=mu)
+    return WeightUpdate({n: -d / rule.step for n, d in delta.items()}, rule.step, info)
 
 
 @register(Augmented, "state", nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardsigmoid)
 def augmented_piecewise_state(rule: Augmented, site: Any, signal: Signal) -> StateUpdate:
-    """Elementwise and piecewise linear: on each piece ``sigma(u) = s u + b`` the objective
-    ``scale r s u + c/2 (u - x)^2 + kappa/2 (s u + b - t)^2`` is a quadratic minimised in closed
-    form and clipped to the piece; the best piece wins, ties going to the smallest change
-    ``|u - x|`` (the regularised projection of ReLU, 000 Sec. 3.2)."""
+    """Elementwise and piecewise linear, in the increment ``v = u - x``: on piece ``j``,
+    ``sigma(x + v) - sigma(x) = s_j v + o_j`` (``o_j = 0`` on the piece holding ``x``), so the
+    objective ``scale r (s_j v + o_j) + c/2 v^2 + kappa/2 (s_j v + o_j + r)^2`` is a quadratic
+    minimised in closed form and clipped to the piece; the best piece wins, ties going to the
+    smallest change ``|v|`` (the regularised projection of ReLU, 000 Sec. 3.2)."""
     pw = envelope.activation(site.stage.module)
-    xp, r, scale, kappa = rule.terms(site, signal)
+    r, scale, kappa = rule.terms(site, signal)
     x = site.x_prev.detach()
+    fx = pw.fn(x)
     c = rule.c_state
+    # Everything below is computed in units of `unit` (a power of 2, so exactly): a residual that
+    # has decayed over many stages would otherwise underflow when squared in float32.
+    unit = _unit(r)
+    r = r / unit
     edges = [-INF, *pw.knots, INF]
-    best_u = best_v = best_dist = None
+    best_v = best_f = best_dist = None
     for j, s in enumerate(pw.slopes):
         lo, hi = edges[j], edges[j + 1]
         inside = x.clamp(lo, hi)
-        b = pw.fn(inside) - s * inside
+        off = (s * (x - inside) + (pw.fn(inside) - fx)) / unit  # piece j's affine map at x - sigma(x)
+        q = off + r  # piece j's affine map at x minus the target
         den = c + kappa * s * s
         if den > 0:
-            u = ((c * x - scale * r * s - kappa * s * (b - xp)) / den).clamp(lo, hi)
+            # t = sigma(x + v) - x^+ at the free minimiser in closed form (exactly 0 for an exact
+            # inverse, where s v + q would cancel to noise).
+            v = torch.clamp(-(scale * r * s + kappa * s * q) / den, (lo - x) / unit, (hi - x) / unit)
+            t = (c * q - scale * r * s * s) / den
+            # The minimiser sits on an edge b of the piece when the derivative there points out of
+            # it; that derivative is formed from sigma(b) - sigma(x), never from x + r, which
+            # loses a small r next to x.
+            for b, out in ((lo, 1.0), (hi, -1.0)):
+                if math.isfinite(b):
+                    vb = (b - x) / unit
+                    tb = (pw.fn(torch.full_like(x, b)) - fx) / unit + r
+                    hit = out * (scale * r * s + c * vb + kappa * s * tb) >= 0
+                    v, t = torch.where(hit, vb, v), torch.where(hit, tb, t)
         else:  # flat piece, no proximal term: every point is optimal; take the closest to x
-            u = inside
-        v = scale * r * pw.fn(u) + 0.5 * c * (u - x) ** 2 + 0.5 * kappa * (pw.fn(u) - xp) ** 2
-        dist = (u - x).abs()
-        if best_u is None:
-            best_u, best_v, best_dist = u, v, dist
+            v = (inside - x) / unit
+            t = (s * v + off) + r
+        f = scale * r * t + 0.5 * c * v * v + 0.5 * kappa * t * t  # less the constant -scale r^2
+        dist = v.abs()
+        if best_v is None:
+            best_v, best_f, best_dist = v, f, dist
         else:
-            tol = 16 * torch.finfo(best_v.dtype).eps * (1 + best_v.abs())
-            better = (v < best_v - tol) | ((v <= best_v + tol) & (dist < best_dist))
-            best_u = torch.where(better, u, best_u)
+            tol = 16 * torch.finfo(best_f.dtype).eps * (best_f.abs() + f.abs())
+            better = (f < best_f - tol) | ((f <= best_f + tol) & (dist < best_dist))
             best_v = torch.where(better, v, best_v)
+            best_f = torch.where(better, f, best_f)
             best_dist = torch.where(better, dist, best_dist)
-    return StateUpdate(Target(best_u), SolveInfo("closed form: piecewise linear"))
+    return StateUpdate(_moved(site, best_v * unit), SolveInfo("closed form: piecewise linear"))
 
 
-_INVERSES = {nn.Tanh: (torch.atanh, -1.0, 1.0), nn.Sigmoid: (torch.logit, 0.0, 1.0)}
+def _unit(r: Tensor) -> float:
+    """A power of 2 near ``max |r|`` when that is far from 1 (else 1): a scale to compute in."""
+    m = float(r.detach().abs().max()) if r.numel() else 0.0
+    if m == 0 or not math.isfinite(m) or 2.0 ** -20 < m < 2.0 ** 20:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(m))
+
+
+def _inverse_increment(module: nn.Module, x: Tensor, t: Tensor, r: Tensor) -> tuple[Tensor, Tensor] | None:
+    """For plain target propagation on an invertible activation: ``v = sigma^{-1}(t - r) - x`` with
+    ``t = sigma(x)``, written as a difference of inverses so that a small ``r`` keeps its digits,
+    and the mask of targets ``t - r`` outside the open range of ``sigma`` (no preimage: 000 eq. 40
+    has no minimiser), which are clipped into it. None for other modules."""
+    eps = torch.finfo(x.dtype).eps ** 0.5
+    a = t - r
+    if isinstance(module, nn.Tanh):
+        out = (a <= -1 + eps) | (a >= 1 - eps)
+        # atanh(a) - atanh(t) = atanh((a - t) / (1 - a t)), 1 - a t = sech(x)^2 + t r
+        v = torch.atanh((-r / (torch.cosh(x).pow(-2) + t * r)).clamp(-1, 1))
+        return torch.where(out, torch.atanh(a.clamp(-1 + eps, 1 - eps)) - x, v), out
+    if isinstance(module, nn.Sigmoid):
+        out = (a <= eps) | (a >= 1 - eps)
+        # logit(a) - logit(t) = log1p(-r / t) - log1p(r / (1 - t)), 1 - t = sigmoid(-x)
+        v = torch.log1p(-r / t) - torch.log1p(r / torch.sigmoid(-x))
+        return torch.where(out, torch.logit(a.clamp(eps, 1 - eps)) - x, v), out
+    if isinstance(module, nn.Softplus):
+        beta, thr = module.beta, module.threshold
+        out = a <= eps / beta
+        # softplus^{-1}(a) - softplus^{-1}(t) = log1p(-expm1(-beta r) / expm1(-beta t)) / beta
+        ratio = (-torch.expm1(-beta * r) / torch.expm1(-beta * t)).clamp_min(-1 + eps)
+        v = torch.where(beta * x > thr, -r, torch.log1p(ratio) / beta)
+        ac = a.clamp_min(eps / beta)
+        clipped = ac + torch.log(-torch.expm1(-beta * ac)) / beta - x
+        return torch.where(out, clipped, v), out
+    return None
 
 
 @register(Augmented, "state", nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Softplus)
 def augmented_smooth_state(rule: Augmented, site: Any, signal: Signal) -> StateUpdate:
     """Smooth activations. With ``kappa = 0`` the problem is the Moreau one,
-    ``u = argmin (beta r / c) sigma(u) + (u - x)^2/2``, solved by the 1-D closed form (with its
-    exact strong-convexity check). Plain target propagation inverts Tanh and Sigmoid exactly,
-    clipping targets into the open range (reported). Anything else goes to the generic solver."""
-    xp, r, scale, kappa = rule.terms(site, signal)
+    ``v = argmin (beta r / c) sigma(x + v) + v^2/2``, solved by the 1-D closed form (with its
+    exact strong-convexity check). Plain target propagation inverts Tanh, Sigmoid and Softplus
+    exactly; a target outside the activation's range has no preimage and is clipped into it,
+    reported (and raised under ``strict``). Anything else goes to the generic solver."""
+    r, scale, kappa = rule.terms(site, signal)
+    x = site.x_prev.detach()
     if rule.proximal and kappa == 0:
-        x = site.x_prev.detach()
-        u, info = envelope.activation(site.stage.module).prox(x, (scale / rule.c_state) * r)
-        return StateUpdate(Target(u), info)
-    if rule.proximal or type(site.stage.module) not in _INVERSES:
+        v, info = envelope.activation(site.stage.module).increment(x, (scale / rule.c_state) * r)
+        return StateUpdate(_moved(site, v), info)
+    inverse = None if rule.proximal else _inverse_increment(site.stage.module, x, site.x.detach(), r)
+    if inverse is None:
         return augmented_generic_state(rule, site, signal)
-    inv, lo, hi = _INVERSES[type(site.stage.module)]
-    eps = torch.finfo(xp.dtype).eps ** 0.5
-    clipped = (xp <= lo + eps) | (xp >= hi - eps)
-    n = int(clipped.sum())
-    message = f"{n} targets outside the range of {site.stage.type_name} were clipped" if n else ""
-    info = SolveInfo("closed form: inverse", 0, 0.0, n == 0, message)
-    return StateUpdate(Target(inv(xp.clamp(lo + eps, hi - eps))), info)
+    v, out = inverse
+    n = int(out.sum())
+    message = f"{UNREACHABLE}: {n} targets outside the range of {site.stage.type_name} clipped" if n else ""
+    return StateUpdate(_moved(site, v), SolveInfo("closed form: inverse", 0, 0.0, n == 0, message))
 
 
 @register(Augmented, "state")
 def augmented_generic_state(rule: Augmented, site: Any, signal: Signal) -> StateUpdate:
-    """The state subproblem by the rule's solver, per sample."""
-    xp, r, scale, kappa = rule.terms(site, signal)
+    """The state subproblem by the rule's solver, per sample, in the increment ``v`` (values are
+    taken relative to ``phi_t(x_{t-1}) = x_t``, so that a small move is resolved)."""
+    r, scale, kappa = rule.terms(site, signal)
     x = site.x_prev.detach()
+    x_t = site.x.detach()
     c = rule.c_state
     B = site.groups
 
     def fun(z: list[Tensor]) -> Tensor:
-        (d,) = z
-        out = site.phi(x=x + d)
-        val = 0.5 * c * gdot([d], [d], B) + 0.5 * kappa * gdot([out - xp], [out - xp], B)
-        return val + scale * gdot([r], [out], B) if scale else val
+        (v,) = z
+        e = site.phi(x=x + v) - x_t
+        val = 0.5 * c * gdot([v], [v], B) + 0.5 * kappa * gdot([e + r], [e + r], B)
+        return val + scale * gdot([r], [e], B) if scale else val
 
-    x_t = site.x.detach()
-    f0 = 0.5 * kappa * gdot([r], [r], B) + (scale * gdot([r], [x_t], B) if scale else 0)
+    f0 = 0.5 * kappa * gdot([r], [r], B)
     g0, _ = site.vjp((scale + kappa) * r, weights=False)
-    (d,), info = rule.solver.solve(fun, [torch.zeros_like(x)], (f0, [g0]))
-    return StateUpdate(Target(x + d), info)
+    (v,), info = rule.solver.solve(fun, [torch.zeros_like(x)], (f0, [g0]))
+    return StateUpdate(_moved(site, v), info)
 
 
 @register(Augmented, "weight")
 def augmented_generic_weight(rule: Augmented, site: Any, signal: Signal) -> WeightUpdate:
-    """The weight subproblem by the rule's solver."""
-    xp, r, _, _ = rule.terms(site, signal)
+    """The weight subproblem of 000 App. D.6 by the rule's solver, in the increment ``u = v - w``,
+    with the stage's regulariser ``r_t(w + u)`` inside it."""
+    r, _, _ = rule.terms(site, signal)
     names = list(site.w)
     w = [site.w[n].detach() for n in names]
     scale, kappa, c = rule.beta, rule.kappa, rule.c_weight
+    x_t = site.x.detach()
+    reg = site.regularizer
 
     def fun(z: list[Tensor]) -> Tensor:
-        out = site.phi({n: wi + zi for n, wi, zi in zip(names, w, z, strict=True)})
-        val = 0.5 * c * gdot(z, z, 1) + 0.5 * kappa * gdot([out - xp], [out - xp], 1)
-        return val + scale * gdot([r], [out], 1) if scale else val
+        e = site.phi({n: wi + zi for n, wi, zi in zip(names, w, z, strict=True)}) - x_t
+        val = 0.5 * c * gdot(z, z, 1) + 0.5 * kappa * gdot([e + r], [e + r], 1)
+        if reg is not None:
+            val = val + sum(reg(wi + zi) - reg(wi) for wi, zi in zip(w, z, strict=True))
+        return val + scale * gdot([r], [e], 1) if scale else val
 
-    x_t = site.x.detach()
-    f0 = 0.5 * kappa * gdot([r], [r], 1) + (scale * gdot([r], [x_t], 1) if scale else 0)
+    f0 = 0.5 * kappa * gdot([r], [r], 1)
     _, g0 = site.vjp((scale + kappa) * r)
-    z, info = rule.solver.solve(fun, [torch.zeros_like(wi) for wi in w], (f0, [g0[n] for n in names]))
-    return WeightUpdate(regularized(site, {n: -zi / rule.step for n, zi in zip(names, z, strict=True)}),
-                        rule.step, info)
+    g0 = [g0[n] + reg.grad(wi) if reg is not None else g0[n] for n, wi in zip(names, w, strict=True)]
+    z, info = rule.solver.solve(fun, [torch.zeros_like(wi) for wi in w], (f0, g0))
+    return WeightUpdate({n: -zi / rule.step for n, zi in zip(names, z, strict=True)}, rule.step, info)
 
 
 # -- presets -------------------------------------------------------------------------------------
@@ -346,29 +435,34 @@ def penalty_backprop(tau: float = 1.0) -> Any:
     return Rule(objective=rule, state=rule, weight=rule)
 
 
-def target_prop(kappa: float = 1.0, method: Method | None = None, solver: Any = None) -> Any:
+def target_prop(kappa: float = 1.0, method: Method | None = None, solver: Any = None,
+                strict: bool = False) -> Any:
     """Plain target propagation (000 Algo 10-11): approximate inverses and least-squares fits,
-    ``x_tau^+ = argmin h(y) + kappa/2 ||y - x_tau||^2``; ``Oracle.step`` lands on the fits."""
-    return _augmented(kappa, 0.0, INF, INF, False, method, solver)
+    ``x_tau^+ = argmin h(y) + kappa/2 ||y - x_tau||^2``; ``Oracle.step`` lands on the fits.
+    A target outside an activation's range (no preimage) is clipped and reported, or raises
+    :class:`SolverError` under ``strict``."""
+    return _augmented(kappa, 0.0, INF, INF, False, method, solver, strict)
 
 
 def regularized_target_prop(kappa: float = 1.0, gamma: float = 1.0, alpha: float = 1.0,
-                            method: Method | None = None, solver: Any = None) -> Any:
-    """Regularised target propagation (000 Algo 12-13): proximal point steps on the penalty."""
-    return _augmented(kappa, 0.0, gamma, alpha, True, method, solver)
+                            method: Method | None = None, solver: Any = None, strict: bool = False) -> Any:
+    """Regularised target propagation (000 Algo 12-13): proximal point steps on the penalty, with a
+    regulariser ``r_t`` inside the weight problem (000 App. D.6)."""
+    return _augmented(kappa, 0.0, gamma, alpha, True, method, solver, strict)
 
 
 def augmented_lagrangian(kappa: float = 1e-5, beta: float = 1.0, gamma: float = 1.0, alpha: float = 1.0,
-                         method: Method | None = None, solver: Any = None) -> Any:
-    """The augmented-Lagrangian oracle (000 Algo 7-9, App. F.2; AL-MSGD with ``torch.optim.SGD``)."""
-    return _augmented(kappa, beta, gamma, alpha, True, method, solver)
+                         method: Method | None = None, solver: Any = None, strict: bool = False) -> Any:
+    """The augmented-Lagrangian oracle (000 Algo 7-9, App. F.2; AL-MSGD with ``torch.optim.SGD``),
+    with a regulariser ``r_t`` inside the weight problem (000 App. D.6)."""
+    return _augmented(kappa, beta, gamma, alpha, True, method, solver, strict)
 
 
 def _augmented(kappa: float, beta: float, gamma: float, alpha: float, proximal: bool, method: Method | None,
-               solver: Any) -> Any:
+               solver: Any, strict: bool) -> Any:
     from . import Rule
 
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"strict": strict}
     if method is not None:
         kw["method"] = method
     if solver is not None:

@@ -1,0 +1,257 @@
+"""float32 against float64, at large and small steps: no rule may lose its digits to cancellation.
+
+Each model is built once, its weights and inputs rounded to float32, and the same numbers are run in
+float32 and in float64. The directions must agree to a relative error below 1e-4 (max abs difference
+over max abs value, per parameter): no more than a float32 forward pass itself loses. Small steps are
+where the papers' targets ``x - tau lambda`` and new points ``w^+`` cancel against ``x`` and ``w``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import moreaugrad as mg
+
+STEPS = [1.0, 1e-3, 1e-5]
+
+
+def presets(t: float) -> dict:
+    """Every preset, its step(s) set to ``t``."""
+    return {
+        "backprop": mg.rules.backprop(),
+        "moreau": mg.rules.moreau(gamma=t, alpha=t),
+        "moreau_lagrangian": mg.rules.moreau(schedule=mg.rules.Lagrangian(t, t)),
+        "proxprop_cg": mg.rules.proxprop(tau_theta=1.0, tau=t),
+        "proxprop_exact": mg.rules.proxprop(tau_theta=1.0, tau=t, method=mg.lstsq.Exact()),
+        "penalty_backprop": mg.rules.penalty_backprop(t),
+        "target_prop": mg.rules.target_prop(kappa=1 / t),
+        "regularized_target_prop": mg.rules.regularized_target_prop(kappa=1.0, gamma=t, alpha=t),
+        "augmented_lagrangian": mg.rules.augmented_lagrangian(kappa=1.0, beta=1.0, gamma=t, alpha=t),
+        "fenchel": mg.rules.fenchel(tau=t),
+    }
+
+
+PRESETS = list(presets(1.0))
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+
+
+def convnet() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(36, 5))
+
+
+MODELS = {"mlp": (mlp, (16, 20)), "convnet": (convnet, (8, 2, 8, 8))}
+
+
+def pair(name: str):
+    """The same model and batch in float32 and float64 (float32 numbers in both)."""
+    build, shape = MODELS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m32 = build()
+        x32 = torch.randn(shape)
+    y = torch.arange(shape[0]) % 5
+    return (m32, x32), (copy.deepcopy(m32).double(), x32.double()), y
+
+
+def directions(model, x, y, rule) -> list[torch.Tensor]:
+    result = mg.Oracle(mg.Chain(model), mg.losses.CrossEntropy(), rule)(x, y)
+    return [d for ds in result.directions if ds for d in ds.values()]
+
+
+def max_rel_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """Per parameter ``max |got - want| / max |want|``, the largest over parameters."""
+    errs = [float((g.double() - w).abs().max() / w.abs().max()) for g, w in zip(got, want, strict=True)
+            if w.abs().max() > 0]
+    return max(errs)
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_float32_equals_float64(model, preset, step):
+    (m32, x32), (m64, x64), y = pair(model)
+    d32 = directions(m32, x32, y, presets(step)[preset])
+    d64 = directions(m64, x64, y, presets(step)[preset])
+    assert all(torch.isfinite(d).all() for d in d32)
+    assert max_rel_error(d32, d64) < 1e-4
+
+
+# --- relative stopping tests ---------------------------------------------------------------------
+
+
+class Newton:
+    """A reference inner solver: full Newton steps with the exact Hessian (small problems only)."""
+
+    def solve(self, fun, z0, start=None, scale=None):
+        def split(v):
+            parts, i = [], 0
+            for t in z0:
+                parts.append(v[i:i + t.numel()].reshape(t.shape))
+                i += t.numel()
+            return parts
+
+        def f(v):
+            return fun(split(v)).sum()
+
+        flat = torch.cat([t.reshape(-1) for t in z0])
+        for _ in range(30):
+            g = torch.autograd.functional.jacobian(f, flat)
+            H = torch.autograd.functional.hessian(f, flat)
+            flat = flat - torch.linalg.solve(H, g)
+        return split(flat), mg.SolveInfo("newton", 30, 0.0, True)
+
+
+def test_pendulum_geometric_has_no_zero_direction():
+    """000 Sec. 4 schedule gamma_s = 0.5^(tau - s + 1): the early stages' problems are ~1e-15 in size.
+    An absolute stopping test returned their starting point (a zero direction, reported converged);
+    the relative one solves them like any other."""
+    p = mg.control.Pendulum(horizon=50)
+    controls = 0.3 * torch.sin(torch.arange(50, dtype=torch.float64))[:, None]
+    sched = mg.rules.Geometric(0.5, 1.0)
+
+    def run(solver):
+        oracle = mg.Oracle(p.chain(controls), p.objective,
+                           mg.rules.moreau(schedule=sched, solver=solver))
+        result = oracle()
+        return result.directions, result.info
+
+    got, info = run(mg.solvers.LBFGS(tol=1e-12, max_iter=200))
+    want, _ = run(Newton())
+    d = torch.stack([g["w"] for g in got]).reshape(-1)
+    ref = torch.stack([g["w"] for g in want]).reshape(-1)
+    assert (ref != 0).all() and (d != 0).all()
+    assert all(i.state.converged and i.weight.converged for i in info if i.state is not None)
+    # Each stage is solved to 1e-12 relative; the errors compound over 50 stages to a few 1e-12.
+    assert float((d - ref).norm() / ref.norm()) < 1e-11
+    assert float(((d - ref).abs() / ref.abs()).max()) < 1e-9
+
+
+# --- regularisers inside the weight problem (000 App. D.6) ----------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["augmented_lagrangian", "regularized_target_prop"])
+def test_regularizer_inside_the_weight_problem(preset):
+    """AL and regularised TP put r_t = mu ||.||^2/2 inside the proximal weight problem of 000 App.
+    D.6, ``argmin_v beta r^T phi(v) + kappa/2 ||phi(v) - x^+||^2 + ||v - w||^2/(2 alpha) + r_t(v)``,
+    on closed-form (Linear) and generic (Linear + Tanh as one stage) stages alike."""
+    from moreaugrad.sweep import record, sweep
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Tanh()),
+                          nn.Linear(8, 3)).double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.arange(10) % 3
+    kappa, alpha, gamma = 0.7, 0.4, 0.9
+    beta = 1.0 if preset == "augmented_lagrangian" else 0.0
+    solver = mg.solvers.LBFGS(tol=1e-14, max_iter=1000)
+    rule = getattr(mg.rules, preset)(kappa=kappa, gamma=gamma, alpha=alpha, solver=solver,
+                                     **({"beta": beta} if beta else {}))
+    reg = mg.losses.L2(0.3)
+    h = mg.losses.CrossEntropy()
+    result = mg.Oracle(mg.Chain(model), h, rule, regularizer=reg)(x, y)
+    tape = record(mg.Chain(model), x, [reg] * 4)
+    signals = sweep(tape, rule, h, y).signals
+    for site, signal, got in zip(tape.sites, signals, result.directions, strict=True):
+        if got is None:
+            continue
+        names = list(site.w)
+        w = [site.w[n].detach() for n in names]
+        x_t = site.x.detach()
+        r = signal.residual(x_t)
+        x_plus = x_t - r
+
+        def problem(z, names=names, w=w, site=site, r=r, x_plus=x_plus):
+            v = [wi + zi for wi, zi in zip(w, z, strict=True)]
+            out = site.phi(dict(zip(names, v, strict=True)))
+            val = beta * (r * out).sum() + 0.5 * kappa * (out - x_plus).pow(2).sum()
+            val = val + sum(zi.pow(2).sum() for zi in z) / (2 * alpha) + sum(reg(vi) for vi in v)
+            return val.reshape(1)
+
+        z, _ = Newton().solve(problem, [torch.zeros_like(wi) for wi in w])
+        for n, zi in zip(names, z, strict=True):
+            want = -zi / alpha
+            err = float((got[n] - want).abs().max() / want.abs().max())
+            assert err < 1e-8, (site.label, n, err)
+
+
+# --- unreachable targets and refused settings --------------------------------------------------
+
+
+def test_softplus_target_without_preimage_is_reported():
+    """Plain TP inverts Softplus; a target <= 0 has no preimage (000 eq. 40 has no minimiser): it is
+    clipped, reported, and raises under strict. A reachable target is inverted exactly."""
+    from moreaugrad.sweep import record
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Softplus(beta=2.0), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    site = record(mg.Chain(model), x).sites[1]
+    out = site.x.detach()
+    reachable = 0.5 * out
+    for strict in (False, True):
+        rule = mg.rules.target_prop(strict=strict).state
+        update = rule.state(site, mg.Target(reachable))
+        u = site.x_prev.detach() - update.signal.residual(site.x_prev.detach())
+        torch.testing.assert_close(nn.functional.softplus(u, beta=2.0), reachable, rtol=1e-12, atol=0)
+        assert update.info.converged
+    bad = reachable.clone()
+    bad[0, 0] = -0.1
+    update = mg.rules.target_prop().state.state(site, mg.Target(bad))
+    assert update.info.converged is False and "no preimage" in update.info.message
+    assert torch.isfinite(update.signal.value).all()
+    with pytest.raises(mg.rules.SolverError, match="no preimage"):
+        mg.rules.target_prop(strict=True).state.state(site, mg.Target(bad))
+
+
+def test_settings_with_identically_zero_directions_are_refused():
+    with pytest.raises(ValueError, match="kappa and beta are both 0"):
+        mg.rules.regularized_target_prop(kappa=0.0)
+
+
+@pytest.mark.parametrize("tau", [1e-10, 1e-30])
+def test_penalty_backprop_at_tiny_steps_is_backprop(tau):
+    """004 Prop. 1 at any step: the targets are kept as moves, so tau lambda is never lost next to x."""
+    (m32, x32), _, y = pair("mlp")
+    got = directions(m32, x32, y, mg.rules.penalty_backprop(tau))
+    want = directions(m32, x32, y, mg.rules.backprop())
+    assert max_rel_error(got, [w.double() for w in want]) < 1e-5
+
+
+# --- half precision -----------------------------------------------------------------------------
+
+
+def cosines(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[float]:
+    return [float(torch.nn.functional.cosine_similarity(g.double().reshape(1, -1), w.double().reshape(1, -1)))
+            for g, w in zip(got, want, strict=True)]
+
+
+@pytest.mark.parametrize("step", [1.0, 1e-3])
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_its_inner_solves_in_float32(dtype, preset, step):
+    """bf16 and fp16 models: the inner solves run in float32 (as autocast upcasts reductions) and
+    the directions come back in the parameters' dtype, close to the float32 oracle's."""
+    (m32, x32), _, y = pair("mlp")
+    half = copy.deepcopy(m32).to(dtype)
+    ref = copy.deepcopy(half).float()  # the same (rounded) weights in float32
+    got = directions(half, x32.to(dtype), y, presets(step)[preset])
+    want = directions(ref, x32.to(dtype).float(), y, presets(step)[preset])
+    assert all(d.dtype == dtype for d in got)
+    assert min(cosines(got, want)) > 0.99
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_autocast_runs_the_sweep_in_float32(preset):
+    (m32, x32), _, y = pair("mlp")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = directions(m32, x32, y, presets(1e-3)[preset])
+    want = directions(m32, x32, y, presets(1e-3)[preset])
+    assert all(d.dtype == torch.float32 for d in got)
+    assert min(cosines(got, want)) > 0.99
