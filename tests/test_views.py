@@ -422,3 +422,85 @@ def test_non_finite_error_is_one_class():
     import moreaugrad.sweep
 
     assert mg.NonFiniteError is moreaugrad.oracle.NonFiniteError is moreaugrad.sweep.NonFiniteError
+
+
+# --- parametrized modules against converged generic solves (float64) ---------------------------
+
+
+class NewtonSolver:
+    """Full Newton steps with the exact Hessian: the converged reference for small problems."""
+
+    def solve(self, fun, z0, start=None, scale=None):
+        def split(v):
+            parts, i = [], 0
+            for t in z0:
+                parts.append(v[i:i + t.numel()].reshape(t.shape))
+                i += t.numel()
+            return parts
+
+        def f(v):
+            return fun(split(v)).sum()
+
+        flat = torch.cat([t.reshape(-1) for t in z0])
+        for _ in range(30):
+            g = torch.autograd.functional.jacobian(f, flat)
+            flat = flat - torch.linalg.solve(torch.autograd.functional.hessian(f, flat), g)
+        return split(flat), mg.SolveInfo("newton", 30, 0.0, True)
+
+
+PARAMETRIZED = {
+    "weight_norm": lambda m: parametrizations.weight_norm(m),
+    "spectral_norm": lambda m: parametrizations.spectral_norm(m),
+}
+
+
+@pytest.mark.parametrize("kind", list(PARAMETRIZED))
+def test_parametrized_linear_moreau_equals_a_converged_solve(kind):
+    """The linear closed form does not hold for phi(g, v) = (g v/|v|) x: the weight problem of the
+    parametrized stage is solved as written, to its minimiser."""
+    model = mlp()
+    PARAMETRIZED[kind](model[2])
+    model.eval()  # spectral_norm's power iteration runs in train mode only
+    x, y = data()
+    sched = mg.rules.Lagrangian(0.5, 0.5)
+    lbfgs = mg.solvers.LBFGS(tol=1e-14, max_iter=500)
+    got = mg.Oracle(model, CE, mg.rules.moreau(schedule=sched, solver=lbfgs))(x, y)
+    ref = mg.Oracle(model, CE, mg.rules.moreau(schedule=sched, solver=NewtonSolver()))(x, y)
+    assert "closed form" not in got.info[2].weight.method
+    for d, r in zip(got.directions[2].values(), ref.directions[2].values(), strict=True):
+        assert float((d - r).abs().max() / r.abs().max()) < 1e-8
+    linear = mg.Oracle(model, CE, mg.rules.backprop())(x, y).directions[2]
+    gap = max(float((d - g).abs().max() / g.abs().max())
+              for d, g in zip(got.directions[2].values(), linear.values(), strict=True))
+    assert gap > 1e-3  # what the linear closed form (the vjp) would have returned is far off
+
+
+@pytest.mark.parametrize("kind", list(PARAMETRIZED))
+def test_parametrized_linear_proxprop_equals_the_dense_gauss_newton_step(kind):
+    """ProxProp on a stage nonlinear in its raw parameters is the Gauss-Newton step (004 eq. 11
+    linearised): ``d = (I/tau_theta + J^T J)^{-1} grad`` with J the Jacobian in the raw parameters,
+    here built densely; the row (Gram) form, which assumes phi linear in w, must not be used."""
+    model = mlp()
+    PARAMETRIZED[kind](model[2])
+    model.eval()
+    x, y = data()
+    tau_theta = 0.7
+    result = mg.Oracle(model, CE, mg.rules.proxprop(tau_theta, 1.0, mg.lstsq.Exact()))(x, y)
+    tape = record(mg.Chain(model), x)
+    site = tape.sites[2]
+    names = list(site.w)
+    w = [site.w[n].detach() for n in names]
+    sizes = [t.numel() for t in w]
+
+    def phi(flat):
+        parts = dict(zip(names, [p.reshape(t.shape) for p, t in zip(flat.split(sizes), w, strict=True)],
+                         strict=True))
+        return site.phi(parts).reshape(-1)
+
+    flat = torch.cat([t.reshape(-1) for t in w])
+    J = torch.autograd.functional.jacobian(phi, flat)
+    grad = torch.cat([g.reshape(-1) for g in
+                      mg.Oracle(model, CE, mg.rules.backprop())(x, y).directions[2].values()])
+    want = torch.linalg.solve(torch.eye(flat.numel(), dtype=DTYPE) / tau_theta + J.T @ J, grad)
+    got = torch.cat([result.directions[2][n].reshape(-1) for n in names])
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-8

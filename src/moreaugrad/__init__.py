@@ -8,7 +8,7 @@
 
 from . import control, data, losses, lstsq, rules, solvers
 from .chain import Chain, Stage
-from .oracle import NonFiniteError, Oracle, OracleResult
+from .oracle import NonFiniteError, Oracle, OracleResult, UnderflowError
 from .types import Dual, SolveInfo, Target
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "Chain",
     "Dual",
     "NonFiniteError",
+    "UnderflowError",
     "Oracle",
     "OracleResult",
     "SolveInfo",

@@ -49,6 +49,17 @@ def plain(module: object) -> bool:
                    for m in module.modules())
 
 
+def _other_dtype(t: Tensor, x: Tensor) -> bool:
+    """A floating tensor in another dtype than ``x`` (to be cast for a float32 re-evaluation)."""
+    return t.is_floating_point() and t.dtype != x.dtype
+
+
+def _mixed(module: nn.Module, x: Tensor) -> bool:
+    """Whether the module's first parameter is in another floating dtype than ``x``."""
+    p = next(module.parameters(), None)
+    return p is not None and _other_dtype(p, x)
+
+
 def _first_op(module: nn.Module) -> nn.Module:
     """The module a plain ``nn.Sequential`` (possibly nested) applies first; else the module."""
     while isinstance(module, nn.Sequential) and len(module) and _sequential_forward(module):
@@ -102,23 +113,47 @@ class Stage:
         return {s.name: s.value() for s in self.slots}
 
     def record(self, x: Tensor) -> tuple[Tensor, Weights]:
-        """The forward pass of the stage, the only call that may update buffers (BatchNorm)."""
+        """The forward pass of the stage, the only call that may update buffers (BatchNorm).
+
+        With ``x`` in another floating dtype than the parameters (a half-precision model recorded
+        in float32), the weights are recorded as copies in ``x``'s dtype, leaves of the local
+        graph, and the buffers' updates are written back in their own dtype.
+        """
         if self.inplace:
             x = x.clone()
         w = self.weights()
-        return (self.fn(w["w"], x) if self.fn is not None else self.module(x)), w
+        if not any(_other_dtype(v, x) for v in w.values()) and not _mixed(self.module, x):
+            return (self.fn(w["w"], x) if self.fn is not None else self.module(x)), w
+        w = {n: v.detach().to(x.dtype).requires_grad_(True) for n, v in w.items()}
+        if self.fn is not None:
+            return self.fn(w["w"], x), w
+        buffers = dict(self.module.named_buffers())
+        state = {k: b.to(x.dtype) if _other_dtype(b, x) else b for k, b in buffers.items()}
+        state.update({k: p.detach().to(x.dtype) for k, p in self.module.named_parameters()
+                      if k not in w and _other_dtype(p, x)})
+        state.update(w)
+        out = functional_call(self.module, state, (x,))
+        with torch.no_grad():
+            for k, b in buffers.items():
+                if state[k] is not b:
+                    b.copy_(state[k])
+        return out, w
 
     def __call__(self, w: Weights, x: Tensor) -> Tensor:
         """Re-evaluate ``phi_t(w, x)`` for a rule, leaving the module's buffers untouched.
 
-        Missing entries of ``w`` take the stage's current parameters.
+        Missing entries of ``w`` take the stage's current parameters (in ``x``'s dtype).
         """
         if self.inplace:
             x = x.clone()
         if self.fn is not None:
-            return self.fn(w["w"] if "w" in w else self.slots[0].value(), x)
+            return self.fn(w["w"] if "w" in w else self.slots[0].value().to(x.dtype), x)
         # Cloned buffers absorb the running-statistics update a train-mode BatchNorm would make.
-        state = {k: b.clone() for k, b in self.module.named_buffers()}
+        state = {k: b.to(x.dtype) if _other_dtype(b, x) else b.clone()
+                 for k, b in self.module.named_buffers()}
+        if _mixed(self.module, x):
+            state.update({k: p.detach().to(x.dtype) for k, p in self.module.named_parameters()
+                          if _other_dtype(p, x)})
         state.update(w)
         return functional_call(self.module, state, (x,))
 

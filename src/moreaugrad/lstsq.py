@@ -31,6 +31,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .chain import plain
 from .checks import check_count
 from .solvers import gdot, gscale, tolerance
 from .types import SolveInfo, Weights
@@ -77,12 +78,31 @@ def _load_forward_ad() -> None:
 
 
 def jvp(fn: Any, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-    """``(fn(*primals), J tangents)`` by eager forward-mode AD (dual tensors)."""
+    """``(fn(*primals), J tangents)`` by eager forward-mode AD (dual tensors), or, for an op
+    without a forward-mode formula (``weight_norm``'s kernel), by two reverse passes."""
     _load_forward_ad()
-    with fwAD.dual_level():
-        out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)))
-        primal, tangent = fwAD.unpack_dual(out)
+    try:
+        with fwAD.dual_level():
+            out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)))
+            primal, tangent = fwAD.unpack_dual(out)
+    except NotImplementedError:
+        return _jvp_by_two_vjps(fn, primals, tangents)
     return primal, torch.zeros_like(primal) if tangent is None else tangent
+
+
+def _jvp_by_two_vjps(fn: Any, primals: tuple[Tensor, ...],
+                     tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """``J v = d/du <J^T u, v>``: the vjp is linear in ``u``, so its vjp against ``v`` is ``J v``."""
+    with torch.enable_grad():
+        ps = [p.detach().requires_grad_(True) for p in primals]
+        out = fn(*ps)
+        u = torch.zeros_like(out, requires_grad=True)
+        gs = torch.autograd.grad(out, ps, u, create_graph=True, allow_unused=True)
+        used = [(g, t) for g, t in zip(gs, tangents, strict=True) if g is not None and g.requires_grad]
+        if not used:
+            return out.detach(), torch.zeros_like(out)
+        (jv,) = torch.autograd.grad([g for g, _ in used], u, [t for _, t in used], allow_unused=True)
+    return out.detach(), torch.zeros_like(out) if jv is None else jv.detach()
 
 
 def cg(apply: Any, b: list[Tensor], steps: int, groups: int, tol: float = 0.0,
@@ -165,9 +185,10 @@ class _Rows:
 
 
 def _rows(site: Any) -> _Rows | None:
-    """The row form of a ``Linear`` or ``Conv2d`` stage whose weights are all variables, else None."""
+    """The row form of a ``Linear`` or ``Conv2d`` stage whose weights are all variables, else None
+    (also for a parametrized or hooked module, which is not linear in its raw parameters)."""
     m = site.stage.module
-    if set(site.w) != {n for n, _ in m.named_parameters()}:
+    if not plain(m) or set(site.w) != {n for n, _ in m.named_parameters()}:
         return None
     x = site.x_prev.detach()
     if isinstance(m, nn.Linear):
@@ -275,7 +296,7 @@ def solve_state(site: Any, r: Tensor, scale: float, kappa: float, c: float, meth
     """``delta_x = -(scale + kappa) (kappa J_x^T J_x + c I)^{-1} J_x^T r``, per sample."""
     dx, _ = site.vjp(r, weights=False)
     module = site.stage.module
-    if isinstance(method, Exact) and isinstance(module, nn.Linear) and "weight" in site.w:
+    if isinstance(method, Exact) and isinstance(module, nn.Linear) and "weight" in site.w and plain(module):
         W = site.w["weight"].detach()
         if c > 0:
             K = kappa * W.T @ W + c * torch.eye(W.shape[1], dtype=W.dtype, device=W.device)

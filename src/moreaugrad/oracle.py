@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,11 @@ class OracleResult:
         steps: per stage, the rule's own step ``s_t`` in ``w_t^+ = w_t - s_t d_t``.
         info: per stage, what the state and weight solves did.
         input_signal: ``signal_0`` when the input required grad (network inversion), else None.
+        input_grad: what :meth:`Oracle.backward` accumulates into ``x.grad``: ``signal_0`` read
+            with a unit ``beta``, i.e. ``lambda_0`` for dual rules (backprop, Moreau, Fenchel: the
+            gradient in the limit) and the move ``x_0 - x_0^+`` for target rules (target prop,
+            AL, penalty backprop), whatever the rule's own ``beta``: the step ``x <- x - x.grad``
+            lands on the target, as ``Oracle.step`` lands on ``w^+``. In ``x``'s dtype.
     """
 
     loss: Tensor
@@ -38,6 +44,7 @@ class OracleResult:
     steps: list[float | None]
     info: list[StageInfo]
     input_signal: Signal | None = None
+    input_grad: Tensor | None = None
 
 
 class Oracle:
@@ -121,15 +128,22 @@ class Oracle:
         if (x.is_floating_point() or x.is_complex()) and not torch.isfinite(x).all():
             raise NonFiniteError(f"Oracle: the input x is not finite "
                                  f"({int((~torch.isfinite(x)).sum())} of {x.numel()} entries)")
-        tape = record(self.chain, x, self._regularizers(), input_signal=x.requires_grad)
-        out = sweep(tape, self.rule, self.objective, y)
+        # Half precision: the sweep runs in float32, outside autocast, as autocast itself upcasts
+        # reductions; in bf16/fp16 a residual tau lambda or a tolerance is below the rounding of x.
+        compute = torch.float32 if x.dtype in HALF else None
+        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            tape = record(self.chain, x, self._regularizers(), input_signal=x.requires_grad,
+                          compute=compute)
+            out = sweep(tape, self.rule, self.objective, y)
         loss = out.loss
         for site in tape.sites:
             if site.regularizer is not None:
                 loss = loss + sum(site.regularizer(w.detach()) for w in site.w.values())
         if not torch.isfinite(loss):
             raise NonFiniteError(f"Oracle: the loss is not finite ({loss.item()})")
-        directions = [None if u is None else u.direction for u in out.directions]
+        directions = [None if u is None else _in_param_dtypes(stage, u.direction)
+                      for stage, u in zip(self.chain.stages, out.directions, strict=True)]
         _check_finite(directions)
         # signal_0, like every signal, was checked for finiteness by the sweep.
         return OracleResult(
@@ -139,6 +153,8 @@ class Oracle:
             steps=[None if u is None else u.step for u in out.directions],
             info=out.info,
             input_signal=out.signals[0] if x.requires_grad else None,
+            input_grad=out.signals[0].dual(tape.sites[0].x_prev.detach()).to(x.dtype)
+            if x.requires_grad else None,
         )
 
     def __call__(self, x: Tensor | None = None, y: Any = None) -> OracleResult:
@@ -150,19 +166,18 @@ class Oracle:
     def backward(self, x: Tensor | None = None, y: Any = None) -> OracleResult:
         """Accumulate each stage's direction ``d_t`` into ``p.grad``, like ``loss.backward()``.
 
-        If ``x`` requires grad, ``signal_0`` is returned as ``result.input_signal`` and its dual
-        form is accumulated into ``x.grad``. For a chain built from dynamics, ``x`` defaults to the
-        stored ``x0``.
+        If ``x`` requires grad, ``signal_0`` is returned as ``result.input_signal`` and
+        ``result.input_grad`` (``lambda_0`` for dual rules, ``x_0 - x_0^+`` for target rules; see
+        :class:`OracleResult`) is accumulated into ``x.grad``. For a chain built from dynamics,
+        ``x`` defaults to the stored ``x0``.
         """
         result = self._run(x, y)
         for stage, d in zip(self.chain.stages, result.directions, strict=True):
             if d is not None:
                 stage.accumulate(d)
         if result.input_signal is not None:
-            x = self.chain.input(x)
-            lam = result.input_signal.dual(x.detach())
             # Accumulates into x.grad for a leaf and flows on to the leaves of a non-leaf x.
-            torch.autograd.backward(x, lam)
+            torch.autograd.backward(self.chain.input(x), result.input_grad)
         return result
 
     def step(self, x: Tensor | None = None, y: Any = None) -> OracleResult:
@@ -175,6 +190,29 @@ class Oracle:
             if d is not None:
                 stage.update(d, s)
         return result
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+class UnderflowError(FloatingPointError):
+    """A direction computed in float32 that is 0 in the parameters' dtype (float16's range ends
+    at 6e-8): reported, never written into ``.grad`` as a zero."""
+
+
+def _in_param_dtypes(stage: Any, direction: Weights) -> Weights:
+    """The directions in their parameters' dtypes (a float32 sweep of a half-precision model)."""
+    dtypes = {s.name: s.param.dtype for s in stage.slots}
+    out = {}
+    for n, d in direction.items():
+        dtype = dtypes.get(n, d.dtype)
+        out[n] = d if dtype == d.dtype else d.to(dtype)
+        if out[n] is not d and bool(d.abs().max() > 0) and not bool(out[n].abs().max() > 0):
+            raise UnderflowError(
+                f"Oracle: the direction of stage {stage.index + 1}, parameter {n!r}, underflows to 0 "
+                f"in {dtype} (max |d| = {float(d.abs().max()):.3g}); use bfloat16 or float32 for "
+                f"this model, or steps whose directions do not decay along the chain")
+    return out
 
 
 def _check_finite(directions: list[Weights | None]) -> None:

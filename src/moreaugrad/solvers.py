@@ -10,10 +10,10 @@ its iterations, the final residual ``max_g ||grad_g F||`` and whether it met its
 
 Tolerances are relative, never absolute: a group has converged when ``||grad_g F(z)|| <= tol_g`` with
 ``tol_g = max(tol, RTOL_FLOOR eps) * scale_g`` (``tol = 0``: none) and ``scale_g = ||grad_g F(z0)||``
-(or the ``scale`` the caller passes, e.g. the gradient at 0 for a warm start). A small problem (a small step, a
-small signal) is therefore solved as accurately as a large one, and no solve stops at iteration 0
-because its tolerance exceeds its starting residual; ``eps`` is the dtype's, so a float32 solve asks
-for what float32 can resolve. It stops early on a
+(or the ``scale`` the caller passes, e.g. the gradient at 0 for a warm start). A small problem (a
+small step, a small signal) is therefore solved as accurately as a large one, and no solve stops at
+iteration 0 because its tolerance exceeds its starting residual; ``eps`` is the dtype's, so a
+float32 solve asks for what float32 can resolve. It stops early on a
 non-finite iterate or on a witness that the subproblem is not strongly convex (non-positive
 curvature ``<s, grad F(z + s) - grad F(z)>`` along a step), and says so in ``SolveInfo.message``.
 """

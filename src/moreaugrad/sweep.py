@@ -163,11 +163,15 @@ class Tape:
 
 
 def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | None = None,
-           input_signal: bool = False) -> Tape:
+           input_signal: bool = False, compute: torch.dtype | None = None) -> Tape:
     """Run the forward pass once, recording each stage's local graph (000 Algo 1, 001 Algo 1).
 
-    Buffers (BatchNorm running statistics) are updated here, once, and nowhere else.
+    Buffers (BatchNorm running statistics) are updated here, once, and nowhere else. With
+    ``compute`` (float32 for a half-precision model), the forward pass is recorded in that dtype
+    on copies of the weights, so that every rule and inner solve of the sweep runs in it.
     """
+    if compute is not None and x.is_floating_point():
+        x = x.to(compute)
     sites = []
     tau = len(chain)
     regs = regularizers or [None] * tau
