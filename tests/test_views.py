@@ -504,3 +504,31 @@ def test_parametrized_linear_proxprop_equals_the_dense_gauss_newton_step(kind):
     want = torch.linalg.solve(torch.eye(flat.numel(), dtype=DTYPE) / tau_theta + J.T @ J, grad)
     got = torch.cat([result.directions[2][n].reshape(-1) for n in names])
     assert float((got - want).abs().max() / want.abs().max()) < 1e-8
+
+
+PRESETS = {
+    "backprop": lambda: mg.rules.backprop(),
+    "moreau": lambda: mg.rules.moreau(),
+    "proxprop": lambda: mg.rules.proxprop(),
+    "proxprop_exact": lambda: mg.rules.proxprop(method=mg.lstsq.Exact()),
+    "penalty_backprop": lambda: mg.rules.penalty_backprop(),
+    "target_prop": lambda: mg.rules.target_prop(),
+    "regularized_target_prop": lambda: mg.rules.regularized_target_prop(),
+    "augmented_lagrangian": lambda: mg.rules.augmented_lagrangian(),
+    "fenchel": lambda: mg.rules.fenchel(),
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_skips_closed_forms_on_a_parametrized_linear(preset):
+    """No rule applies a closed form written for nn.Linear to a weight-normed Linear (its phi is not
+    linear in (g, v)); every preset returns finite directions for its raw parameters."""
+    model = mlp()
+    parametrizations.weight_norm(model[2])
+    x, y = data()
+    result = mg.Oracle(model, CE, PRESETS[preset]())(x, y)
+    d = result.directions[2]
+    assert set(d) == {"parametrizations.weight.original0", "parametrizations.weight.original1", "bias"}
+    assert all(torch.isfinite(v).all() for v in d.values())
+    for info in (result.info[2].state, result.info[2].weight):
+        assert info is None or "closed form" not in info.method, (preset, info)

@@ -45,6 +45,9 @@ def plain(module: object) -> bool:
     """
     if not isinstance(module, nn.Module):
         return True
+    if not module._modules:  # the common leaf module, without walking modules() (hot path)
+        return not (module._forward_hooks or module._forward_pre_hooks
+                    or parametrize.is_parametrized(module))
     return not any(parametrize.is_parametrized(m) or m._forward_hooks or m._forward_pre_hooks
                    for m in module.modules())
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .chain import Chain
 from .losses import Regularizer
 from .rules import Rule, backprop
-from .sweep import NonFiniteError, record, sweep
+from .sweep import NonFiniteError, all_finite, record, sweep
 from .types import Signal, StageInfo, Weights
 
 __all__ = ["NonFiniteError", "Oracle", "OracleResult"]
@@ -125,7 +125,7 @@ class Oracle:
         x = self.chain.input(x)
         self._check_materialized()
         self._check_input(x)
-        if (x.is_floating_point() or x.is_complex()) and not torch.isfinite(x).all():
+        if (x.is_floating_point() or x.is_complex()) and not all_finite(x):
             raise NonFiniteError(f"Oracle: the input x is not finite "
                                  f"({int((~torch.isfinite(x)).sum())} of {x.numel()} entries)")
         # Half precision: the sweep runs in float32, outside autocast, as autocast itself upcasts

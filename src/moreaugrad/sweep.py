@@ -230,7 +230,7 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
     """
     tau = len(tape.sites)
     loss, signal, objective_info = rule.objective.objective(h, tape.output, target, tau)
-    _check_signal(signal, tape.output, f"entering {tape.sites[-1].label} (from the objective)")
+    _check_signal(signal, tape.output, lambda: f"entering {tape.sites[-1].label} (from the objective)")
     directions: list[WeightUpdate | None] = [None] * tau
     info = [StageInfo() for _ in range(tau)]
     info[-1].extra["objective"] = objective_info
@@ -249,18 +249,24 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
         if site.needs_state:
             state = rule.state_for(site).state(site, signal)
             signal = state.signal
-            _check_signal(signal, site.x_prev, f"entering {tape.sites[t - 1].label}" if t > 0
-                          else f"at the input (from {site.label})")
+            _check_signal(signal, site.x_prev, lambda t=t, site=site: (
+                f"entering {tape.sites[t - 1].label}" if t > 0 else f"at the input (from {site.label})"))
             info[t].state = state.info
             signals.append(signal)
     signals.reverse()
     return SweepResult(loss, directions, signals, info)
 
 
-def _check_signal(signal: Signal, x: Tensor, where: str) -> None:
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: one sum (no boolean temporary) and, only when the
+    sum is not finite (a non-finite entry, or an overflow of the sum), the entrywise test."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _check_signal(signal: Signal, x: Tensor, where: Callable[[], str]) -> None:
     """Raise :class:`NonFiniteError` for a non-finite signal, before any rule uses it (one
-    reduction and one host sync per signal)."""
+    reduction and one host sync per signal; ``where()`` names it, formed only on failure)."""
     lam = signal.dual(x.detach())
-    if not torch.isfinite(lam).all():
+    if not all_finite(lam):
         bad = int((~torch.isfinite(lam)).sum())
-        raise NonFiniteError(f"the signal {where} is not finite ({bad} of {lam.numel()} entries)")
+        raise NonFiniteError(f"the signal {where()} is not finite ({bad} of {lam.numel()} entries)")
