@@ -6,14 +6,18 @@ import pytest
 import torch
 from torch import nn
 
+import moreaugrad as mg
+from helpers import rel_err
 from moreaugrad import envelope
 from moreaugrad.losses import CrossEntropy, SquaredLoss
 from moreaugrad.rules import Moreau, Paper
 from moreaugrad.solvers import LBFGS
+from moreaugrad.sweep import record
 
 ACTIVATIONS = [
-    nn.ReLU(), nn.LeakyReLU(0.1), nn.Hardtanh(-1.0, 2.0), nn.ReLU6(), nn.Hardsigmoid(),
-    nn.Sigmoid(), nn.Tanh(), nn.Softplus(beta=2.0), nn.SiLU(),
+    nn.ReLU(), nn.LeakyReLU(0.1), nn.LeakyReLU(1.5), nn.Hardtanh(-1.0, 2.0), nn.ReLU6(), nn.Hardsigmoid(),
+    nn.Sigmoid(), nn.Tanh(), nn.Softplus(beta=2.0), nn.Softplus(beta=2.0, threshold=1.0), nn.SiLU(),
+    nn.ELU(), nn.ELU(alpha=0.5),
 ]
 
 
@@ -39,6 +43,8 @@ def test_activation_prox_is_the_global_minimiser(module):
 
     # First-order optimality where sigma is differentiable at u: c sigma'(u) + u - x = 0.
     smooth = torch.ones_like(u, dtype=torch.bool)
+    if isinstance(prox, envelope.SmoothThenIdentity):
+        smooth = (u - prox.knot).abs() > 1e-12
     if isinstance(prox, envelope.PiecewiseLinear | envelope.ReLUProx):
         # The slope table, not autograd: torch's hardsigmoid backward rounds 1/6 to float32.
         knots = torch.tensor(prox.knots, dtype=torch.float64)
@@ -125,3 +131,93 @@ def test_cross_entropy_envelope_is_stationary():
     assert info.converged and info.iterations < 20
     assert g.abs().max() < 1e-12
     assert math.isfinite(info.residual)
+
+
+# Each module with non-default parameters, and its knots: the state rule's closed form must honour
+# them (000 Prop. 2.2 on the stage alone) and equal the generic solver run to rounding.
+PARAMETERISED = {
+    "Softplus(beta=2, threshold=1)": (nn.Softplus(beta=2.0, threshold=1.0), [0.5]),
+    "Softplus(beta=0.5, threshold=3)": (nn.Softplus(beta=0.5, threshold=3.0), [6.0]),
+    "Softplus()": (nn.Softplus(), [20.0]),
+    "LeakyReLU(0.2)": (nn.LeakyReLU(0.2), [0.0]),
+    "LeakyReLU(1.5)": (nn.LeakyReLU(1.5), [0.0]),
+    "LeakyReLU(-0.3)": (nn.LeakyReLU(-0.3), [0.0]),
+    "Hardtanh(-0.5, 1.5)": (nn.Hardtanh(-0.5, 1.5), [-0.5, 1.5]),
+    "ReLU6": (nn.ReLU6(), [0.0, 6.0]),
+    "ELU(0.5)": (nn.ELU(alpha=0.5), [0.0]),
+    "ELU(1)": (nn.ELU(), [0.0]),
+    "ELU(2)": (nn.ELU(alpha=2.0), [0.0]),
+}
+
+
+def inputs_off_the_knots(knots, n=240, c_max=0.4, margin=0.2, seed=0):
+    """``x`` at least ``c_max + margin`` from every knot, so that each entry's minimiser lies inside
+    one piece, where the generic solver converges (at a kink its gradient never vanishes)."""
+    gen = torch.Generator().manual_seed(seed)
+    centre = sum(knots) / len(knots)
+    x = centre + 4 * torch.randn(8 * n, generator=gen, dtype=torch.float64)
+    far = torch.stack([(x - k).abs() for k in knots]).min(0).values > c_max + margin
+    x = x[far][:n]
+    assert x.numel() == n
+    c = 0.05 + (c_max - 0.05) * torch.rand(n, generator=gen, dtype=torch.float64)
+    return x.reshape(6, -1), c.reshape(6, -1)
+
+
+@pytest.mark.parametrize("name", PARAMETERISED)
+def test_activation_parameters_are_honoured(name):
+    module, knots = PARAMETERISED[name]
+    x, c = inputs_off_the_knots(knots)
+    gamma = 0.7
+    site = record(mg.Chain(nn.Sequential(module)), x, input_signal=True).sites[0]
+    lam = mg.Dual(c / gamma)
+    closed = Moreau(Paper(gamma=gamma))
+    generic = mg.rules.moreau(gamma=gamma, closed_forms=False, solver=LBFGS(tol=1e-14, max_iter=500)).state
+    got, want = closed.state(site, lam), generic.state(site, lam)
+    assert got.info.method.startswith("closed form") and got.info.converged, got.info
+    assert want.info.residual <= 1e-13 * float(c.abs().max()), want.info
+    assert rel_err(got.signal.value, want.signal.value) <= 1e-12
+
+
+def test_softplus_threshold_is_the_linear_piece():
+    # Above threshold / beta torch's softplus is u itself, so the increment is -c exactly (the smooth
+    # formula alone would give -c sigmoid(beta u), off by 3% or more at beta u <= 4).
+    x = torch.tensor([0.9, 1.5, 2.0], dtype=torch.float64)
+    c = torch.full_like(x, 0.3)
+    y, _ = envelope.activation(nn.Softplus(beta=2.0, threshold=1.0)).increment(x, c)
+    torch.testing.assert_close(y, -c, rtol=0, atol=0)
+    y_smooth, _ = envelope.activation(nn.Softplus(beta=2.0, threshold=float("inf"))).increment(x, c)
+    assert (y_smooth + c).abs().min() > 0.03 * 0.3
+
+
+def test_default_softplus_below_threshold_is_the_smooth_form():
+    gen = torch.Generator().manual_seed(5)
+    x = 5 * torch.randn(500, generator=gen, dtype=torch.float64)
+    c = torch.rand(500, generator=gen, dtype=torch.float64)
+    y, _ = envelope.activation(nn.Softplus()).increment(x, c)
+    y_smooth, _ = envelope.softplus(1.0, float("inf")).increment(x, c)
+    assert torch.equal(y, y_smooth)
+
+
+@pytest.mark.parametrize("module", [nn.Softplus(beta=-1.0), nn.ELU(alpha=-0.5)], ids=repr)
+def test_parameters_without_a_closed_form_go_to_the_solver(module):
+    assert envelope.primitive(module) is None
+    with pytest.raises(NotImplementedError, match="no elementwise closed form"):
+        envelope.activation(module)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    site = record(mg.Chain(nn.Sequential(module)), x, input_signal=True).sites[0]
+    up = Moreau(Paper(gamma=0.1), LBFGS(tol=1e-12)).state(site, mg.Dual(torch.ones_like(x)))
+    assert up.info.method == "L-BFGS"  # (ELU(-0.5) has a kink at 0, where the solver cannot converge)
+
+
+def test_newton_does_not_cycle_on_a_steep_sigmoid():
+    # g(v) = c (S sigmoid(z + v) - A) + v with c S = 80: plain Newton 2-cycles from the linearised
+    # start; the rtsafe safeguard bisects instead.
+    z = torch.tensor([-5.0, 3.0, 0.5, -12.0], dtype=torch.float64)
+    S, A = torch.full_like(z, 4.0), torch.tensor([4.0, 0.0, 4.0, 0.0], dtype=torch.float64)
+    c = 20.0
+    tol = 8 * torch.finfo(z.dtype).eps * c * (S * (1 + z.abs()) + A)
+    v, it, res, ok = envelope.newton_1d(
+        lambda v: c * (S * torch.sigmoid(z + v) - A) + v,
+        lambda v: 1 + c * S * torch.sigmoid(z + v) * torch.sigmoid(-(z + v)),
+        -c * (S * torch.sigmoid(z) - A), -c * (S - A), c * A, tol, 60)
+    assert ok and it <= 15 and res <= float(tol.max()), (it, res)

@@ -62,8 +62,8 @@ def test_one_unit_gradient_step_from_zero_is_backprop(name):
     sweep with beta = 1/gamma equals backprop, for any gamma and alpha."""
     model, x, y, h = CHAINS[name]()
     grad, _ = directions(model, x, y, h, mg.rules.backprop())
-    rule = moreau(schedule=Lagrangian(gamma=0.7, alpha=3.0), solver=GradientDescent(step=1.0, max_iter=1),
-                  closed_forms=False)
+    one_step = GradientDescent(step=1.0, max_iter=1, tol=None)
+    rule = moreau(schedule=Lagrangian(gamma=0.7, alpha=3.0), solver=one_step, closed_forms=False)
     d, result = directions(model, x, y, h, rule)
     torch.testing.assert_close(d, grad, rtol=1e-12, atol=1e-14)
     assert all(i.weight.iterations == 1 for i in result.info if i.weight is not None)
@@ -216,7 +216,7 @@ def test_info_reports_every_solve():
 
 def test_per_stage_solver_override():
     model, x, y, h = mlp_grouped()
-    rule = moreau(solver=QuasiNewton(max_iter=2), solvers={2: LBFGS(max_iter=7, tol=0.0)})
+    rule = moreau(solver=QuasiNewton(max_iter=2, tol=None), solvers={2: LBFGS(max_iter=7, tol=None)})
     _, result = directions(model, x, y, h, rule)
     assert result.info[1].weight.method == "L-BFGS" and result.info[1].weight.iterations == 7
     assert result.info[0].weight.method.startswith("quasi-Newton")
@@ -283,7 +283,7 @@ def test_dropout_stage_is_re_evaluated_with_its_recorded_mask():
     state = torch.get_rng_state()
     grad, _ = directions(model, x, y, h, mg.rules.backprop())
     torch.set_rng_state(state)
-    rule = moreau(schedule=Lagrangian(gamma=0.7, alpha=3.0), solver=GradientDescent(step=1.0, max_iter=1),
-                  closed_forms=False)
+    one_step = GradientDescent(step=1.0, max_iter=1, tol=None)
+    rule = moreau(schedule=Lagrangian(gamma=0.7, alpha=3.0), solver=one_step, closed_forms=False)
     d, _ = directions(model, x, y, h, rule)
     torch.testing.assert_close(d, grad, rtol=1e-12, atol=1e-14)

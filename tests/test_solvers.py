@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moreaugrad.solvers import LBFGS, GradientDescent, QuasiNewton, goldstein
+from moreaugrad.solvers import CAP, FIXED, LBFGS, GradientDescent, QuasiNewton, goldstein
 
 SOLVERS = [GradientDescent(step=0.03, tol=1e-11, max_iter=30000), QuasiNewton(tol=1e-11, max_iter=300),
            LBFGS(tol=1e-11, max_iter=200)]
@@ -93,6 +93,22 @@ def test_iteration_cap_is_reported():
     fun, _, b = per_sample_quadratic()
     _, info = QuasiNewton(max_iter=2).solve(fun, [torch.zeros_like(b)])
     assert info.iterations == 2 and not info.converged and "iteration cap" in info.message
+
+
+def test_fixed_steps_are_labelled_as_such_not_as_failures():
+    # F(y) = <c, y> + ||y||^2/2: one unit step from 0 is exact, but the residual known is the one
+    # at 0 (the gradient at the returned point is not taken): the message says so.
+    c = torch.randn(3, 5, dtype=torch.float64)
+    (y,), info = GradientDescent(step=1.0, tol=None, max_iter=1).solve(
+        lambda z: (c * z[0]).sum(1) + 0.5 * z[0].pow(2).sum(1), [torch.zeros_like(c)])
+    torch.testing.assert_close(y, -c, rtol=0, atol=0)
+    assert info.converged is None and info.message.startswith(FIXED), info
+    assert "iterate 0, before the last step, not measured at the returned point" in info.message
+    assert info.residual == pytest.approx(float(c.norm(dim=1).max()), rel=1e-15)
+    fun, _, b = per_sample_quadratic()
+    _, info = QuasiNewton(tol=None, max_iter=2).solve(fun, [torch.zeros_like(b)])
+    assert info.iterations == 2 and info.converged is None and info.message != CAP
+    assert "iterate 1, before the last step" in info.message
 
 
 @pytest.mark.parametrize("make,match", [

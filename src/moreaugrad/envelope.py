@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,37 @@ from .solvers import CAP, rounding_slack
 from .types import SolveInfo
 
 NOT_CONVEX = "subproblem not strongly convex"
+
+
+
+def newton_1d(grad: Callable[[Tensor], Tensor], hess: Callable[[Tensor], Tensor], y: Tensor, a: Tensor,
+              b: Tensor, tol: Tensor, max_iter: int) -> tuple[Tensor, int, float, bool]:
+    """Elementwise root of an increasing ``g = grad(y)`` in the bracket ``[a, b]``, from ``y``:
+    Newton steps ``y - g / hess(y)`` inside a bracket that shrinks with the sign of ``g``, and
+    bisection when a step would leave the bracket or would not halve the step before last (the
+    ``rtsafe`` safeguard, Numerical Recipes Sec. 9.4: Newton alone can cycle on a sigmoid-shaped
+    ``g``). Entries stop moving once ``|g| <= tol``; the loop ends when all have, or after
+    ``max_iter`` evaluations.
+
+    Returns ``(y, iterations, max |g(y)|, converged)``, the residual measured at the returned ``y``.
+    """
+    it = 0
+    step_old = step = (b - a).abs()
+    for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
+        g = grad(y)
+        done = g.abs() <= tol
+        if bool(done.all()):
+            break
+        a, b = torch.where(g < 0, y, a), torch.where(g > 0, y, b)
+        h = hess(y)
+        dy = g / torch.where(h > 0, h, torch.ones_like(h))
+        newton = y - dy
+        use = (h > 0) & (newton > a) & (newton < b) & (2 * dy.abs() <= step_old)
+        step_old, step = step, torch.where(use, dy.abs(), (b - a).abs() / 2)
+        y = torch.where(done, y, torch.where(use, newton, (a + b) / 2))
+    g = grad(y)  # the residual of the returned point, not of the last iterate
+    res = float(g.abs().max()) if g.numel() else 0.0
+    return y, it, res, bool((g.abs() <= tol).all())
 
 
 @dataclass(frozen=True)
@@ -93,29 +125,14 @@ class Smooth:
         convex = torch.where(c > 0, 1 + c * self.lo > 0, 1 + c * self.hi > 0)
         # The root of g(y) = c sigma'(x + y) + y lies in [-|c| slope, |c| slope].
         b = c.abs() * self.slope
-        a = -b
-        y = -c * self.d1(x)
         tol = 8 * torch.finfo(x.dtype).eps * c.abs() * (1 + x.abs())
-        it, res = 0, torch.zeros((), dtype=x.dtype, device=x.device)
-        for it in range(1, self.max_iter + 1):  # noqa: B007 - the count is reported
-            g = c * self.d1(x + y) + y
-            res = g.abs().max() if g.numel() else res
-            if bool((g.abs() <= tol).all()):
-                break
-            a, b = torch.where(g < 0, y, a), torch.where(g > 0, y, b)
-            h = 1 + c * self.d2(x + y)
-            newton = y - g / torch.where(h > 0, h, torch.ones_like(h))
-            inside = (h > 0) & (newton > a) & (newton < b)
-            y = torch.where(inside, newton, (a + b) / 2)
-        g = c * self.d1(x + y) + y  # the residual of the returned point, not of the last iterate
-        res = g.abs().max() if g.numel() else res
-        ok = bool((g.abs() <= tol).all())
+        y, it, res, ok = newton_1d(lambda y: c * self.d1(x + y) + y, lambda y: 1 + c * self.d2(x + y),
+                                   -c * self.d1(x), -b, b, tol, self.max_iter)
         n_bad = int((~convex).sum())
         message = f"{NOT_CONVEX} for {n_bad} entries (|gamma lambda| too large)" if n_bad else ""
         if not ok and not message:
             message = CAP
-        return y, SolveInfo("closed form: 1-D safeguarded Newton", it, float(res), ok and not n_bad,
-                            message)
+        return y, SolveInfo("closed form: 1-D safeguarded Newton", it, res, ok and not n_bad, message)
 
     def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
         """``u = x + y = argmin_u c sigma(u) + (u - x)^2/2``."""
@@ -159,17 +176,76 @@ TANH = Smooth(torch.tanh, _tanh_d1, _tanh_d2, -4 / (3 * _S3), 4 / (3 * _S3), 1.0
 SILU = Smooth(F.silu, _silu_d1, _silu_d2, -0.1, 0.5, 1.1)
 
 
-def softplus(beta: float, threshold: float) -> Smooth:
-    """``softplus(u) = log(1 + exp(beta u)) / beta``: convex, ``0 <= sigma'' <= beta/4``."""
+@dataclass(frozen=True)
+class SmoothThenIdentity:
+    """``sigma(u) = s(u)`` for ``u <= knot`` and ``sigma(u) = u`` above: torch's softplus past its
+    ``threshold`` (``knot = threshold / beta``), ELU right of 0 (``knot = 0``).
+
+    ``left`` is :class:`Smooth` for ``s`` extended past the knot with a bounded slope, its bounds
+    holding on the whole line. On each closed piece the problem is a 1-D strongly convex one whose
+    restricted minimiser is the clipped free one: ``y_l = min(left increment, knot - x)`` and
+    ``y_r = max(-c, knot - x)``; the better of the two wins (exact also where ``sigma`` jumps or
+    has a kink, so the problem is not convex). Where softplus jumps down at the knot (``s(k) > k``)
+    and ``c > 0`` puts the infimum at ``u -> knot+``, the limit ``u = knot`` is returned (the
+    minimiser for the lower semicontinuous ``sigma``).
+    """
+
+    left: Smooth
+    knot: float
+    fn: Callable[[Tensor], Tensor]
+
+    def increment(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+        y_left, info = self.left.increment(x, c)
+        to_knot = self.knot - x
+        y_left = torch.minimum(y_left, to_knot)
+        y_right = torch.maximum(-c, to_knot)
+        # value(y_left) - value(y_right), value(y) = c sigma(x + y) + y^2/2 on each piece
+        diff = c * (self.left.fn(x + y_left) - (x + y_right)) + 0.5 * (y_left - y_right) * (y_left + y_right)
+        y = torch.where(diff > 0, y_right, y_left)
+        return y, SolveInfo(f"{info.method} and linear piece", info.iterations, info.residual,
+                            info.converged, info.message)
+
+    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+        """``u = x + y = argmin_u c sigma(u) + (u - x)^2/2``."""
+        y, info = self.increment(x, c)
+        return x + y, info
+
+
+def softplus(beta: float, threshold: float) -> SmoothThenIdentity | Smooth:
+    """torch's ``softplus(u) = log(1 + exp(beta u)) / beta`` for ``beta u <= threshold``, ``u`` above
+    (``beta > 0``). The smooth part is convex with ``0 <= sigma'' <= beta/4`` and ``0 < sigma' < 1``."""
+
+    def s(u: Tensor) -> Tensor:
+        return torch.logaddexp(beta * u, torch.zeros_like(u)) / beta
 
     def d1(u: Tensor) -> Tensor:
         return torch.sigmoid(beta * u)
 
     def d2(u: Tensor) -> Tensor:
-        s = torch.sigmoid(beta * u)
-        return beta * s * (1 - s)
+        p = torch.sigmoid(beta * u)
+        return beta * p * (1 - p)
 
-    return Smooth(lambda u: F.softplus(u, beta, threshold), d1, d2, 0.0, beta / 4, 1.0)
+    smooth = Smooth(s, d1, d2, 0.0, beta / 4, 1.0)
+    if math.isinf(threshold):
+        return smooth
+    return SmoothThenIdentity(smooth, threshold / beta, lambda u: F.softplus(u, beta, threshold))
+
+
+def elu(alpha: float) -> SmoothThenIdentity:
+    """``elu(u) = alpha (exp(u) - 1)`` for ``u <= 0``, ``u`` above (``alpha >= 0``). The left piece,
+    extended by ``alpha u`` past 0, is convex with ``0 <= sigma'' <= alpha`` and slope at most
+    ``alpha``; with ``alpha != 1`` sigma has a kink at 0 (concave for ``alpha > 1``)."""
+
+    def s(u: Tensor) -> Tensor:
+        return alpha * (torch.expm1(u.clamp_max(0)) + u.clamp_min(0))
+
+    def d1(u: Tensor) -> Tensor:
+        return alpha * torch.exp(u.clamp_max(0))
+
+    def d2(u: Tensor) -> Tensor:
+        return torch.where(u < 0, alpha * torch.exp(u.clamp_max(0)), 0.0)
+
+    return SmoothThenIdentity(Smooth(s, d1, d2, 0.0, alpha, alpha), 0.0, lambda u: F.elu(u, alpha))
 
 
 @dataclass(frozen=True)
@@ -206,12 +282,17 @@ def hardtanh(min_val: float, max_val: float) -> PiecewiseLinear:
 
 HARDSIGMOID = PiecewiseLinear(F.hardsigmoid, [-3.0, 3.0], [0.0, 1 / 6, 0.0])
 
-ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Softplus)
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Softplus,
+               nn.ELU)
+
+Primitive = PiecewiseLinear | ReLUProx | Smooth | SmoothThenIdentity
 
 
-def activation(module: nn.Module) -> PiecewiseLinear | ReLUProx | Smooth:
-    """The primitive of an elementwise activation module (its ``fn``, derivatives or pieces, and
-    ``prox``); ``ReLU6`` is a ``Hardtanh``. Raises ``NotImplementedError`` for other modules."""
+def primitive(module: nn.Module) -> Primitive | None:
+    """The primitive of an elementwise activation module with its parameters (LeakyReLU's slope,
+    Hardtanh's bounds, Softplus's ``beta`` and ``threshold``, ELU's ``alpha``); ``ReLU6`` is a
+    ``Hardtanh``. None for other modules and for parameters without a closed form here
+    (``Softplus`` with ``beta <= 0``, ``ELU`` with ``alpha < 0``): the generic solver takes them."""
     if isinstance(module, nn.ReLU):
         return RELU
     if isinstance(module, nn.LeakyReLU):
@@ -227,8 +308,18 @@ def activation(module: nn.Module) -> PiecewiseLinear | ReLUProx | Smooth:
     if isinstance(module, nn.SiLU):
         return SILU
     if isinstance(module, nn.Softplus):
-        return softplus(module.beta, module.threshold)
-    raise NotImplementedError(f"no elementwise primitive for {type(module).__name__}")
+        return softplus(module.beta, module.threshold) if module.beta > 0 else None
+    if isinstance(module, nn.ELU):
+        return elu(module.alpha) if module.alpha >= 0 else None
+    return None
+
+
+def activation(module: nn.Module) -> Primitive:
+    """:func:`primitive`, raising ``NotImplementedError`` where it has none."""
+    prim = primitive(module)
+    if prim is None:
+        raise NotImplementedError(f"no elementwise closed form for {module!r}")
+    return prim
 
 
 # -- objectives ---------------------------------------------------------------------------------
@@ -243,40 +334,55 @@ def squared_loss_env(z: Tensor, y: Tensor, gamma: float) -> Tensor:
 
 def cross_entropy_env(z: Tensor, labels: Tensor, gamma: float, tol: float | None = None,
                       max_iter: int = 50) -> tuple[Tensor, SolveInfo]:
-    """``grad env(gamma h)(z) = -v`` for ``h(z) = (1/B) sum_i CE(z_i, y_i)``, where per sample
+    """``grad env(gamma h)(z)`` for ``h(z) = (1/B) sum_i CE(z_i, y_i)``: :func:`softmax_env` with
+    one-hot rows and ``c = gamma / B``."""
+    onehot = F.one_hot(labels.long(), z.shape[1]).to(z.dtype)
+    return softmax_env(z, onehot, gamma / z.shape[0], tol, max_iter)
 
-        ``v_i = argmin_v  c (logsumexp(z_i + v) - (z_i + v)_{y_i}) + ||v||^2/2``,   ``c = gamma / B``.
+
+def softmax_env(z: Tensor, q: Tensor, c: float, tol: float | None = None,
+                max_iter: int = 50) -> tuple[Tensor, SolveInfo]:
+    """``grad env(c h)(z) = -v`` for ``h(z) = sum_i a_i logsumexp(z_i) - q_i^T z_i`` on rows ``z_i``
+    of ``z`` (shape ``(N, C)``), with weights ``q >= 0`` and ``a_i = sum_k q_ik`` (every form of
+    torch's cross-entropy: one-hot rows, class weights, label smoothing, probabilities). Per row
+
+        ``v_i = argmin_v  c (a_i logsumexp(z_i + v) - q_i^T (z_i + v)) + ||v||^2/2``.
 
     Batched Newton over the class dimension on the increment ``v`` (never on ``u = z + v``, whose
-    difference with ``z`` cancels at small ``gamma``), from the linearised solution
-    ``v = -c (softmax(z) - onehot)``: the Hessian ``I + c (diag(p) - p p^T)`` is inverted by
-    Sherman-Morrison in O(C) per sample; an Armijo backtracking per sample keeps every step a
-    descent step. The problem is strongly convex for every ``gamma > 0`` (CE is convex).
+    difference with ``z`` cancels at small ``c``), from the linearised solution
+    ``v = -c (a p(z) - q)``: the Hessian ``I + c a (diag(p) - p p^T)`` is inverted by
+    Sherman-Morrison in O(C) per row; an Armijo backtracking per row keeps every step a descent
+    step. Each row is strongly convex (``a_i logsumexp`` is convex).
 
-    ``tol`` defaults to the rounding level of the gradient, ``8 eps c (1 + max|z|) sqrt(C)``: relative
-    to the problem's scale ``c``, so it never exceeds the starting residual of a small step.
+    ``tol`` defaults to the rounding level of the gradient, ``8 eps c a_i (1 + max|z|) sqrt(C)`` per
+    row: relative to the row's scale ``c a_i``, so it never exceeds the starting residual of a
+    small step.
     """
-    c = gamma / z.shape[0]
-    onehot = F.one_hot(labels.long(), z.shape[1]).to(z.dtype)
+    a = q.sum(1, keepdim=True)
+    k = c * a  # the row's scale
     if tol is None:
         zmax = z.abs().max().item() if z.numel() else 0.0
-        tol = 8 * torch.finfo(z.dtype).eps * c * (1 + zmax) * z.shape[1] ** 0.5
+        bound = 8 * torch.finfo(z.dtype).eps * (1 + zmax) * z.shape[1] ** 0.5 * k[:, 0]
+    else:
+        bound = torch.full((z.shape[0],), tol, dtype=z.dtype, device=z.device)
 
     def value(v: Tensor) -> Tensor:
         u = z + v
-        return c * (torch.logsumexp(u, 1) - (u * onehot).sum(1)) + 0.5 * (v * v).sum(1)
+        return c * (a[:, 0] * torch.logsumexp(u, 1) - (u * q).sum(1)) + 0.5 * (v * v).sum(1)
 
-    v = -c * (torch.softmax(z, 1) - onehot)
-    it, res = 0, 0.0
+    v = -c * (a * torch.softmax(z, 1) - q)
+    it, res, ok = 0, 0.0, True
     for it in range(max_iter + 1):  # noqa: B007 - the count is reported
         p = torch.softmax(z + v, 1)
-        g = c * (p - onehot) + v
-        res = float(g.norm(dim=1).max()) if g.numel() else 0.0
-        if res <= tol or it == max_iter:
+        g = c * (a * p - q) + v
+        gnorm = g.norm(dim=1)
+        res = float(gnorm.max()) if g.numel() else 0.0
+        ok = bool((gnorm <= bound).all())
+        if ok or it == max_iter:
             break
-        dinv = 1 / (1 + c * p)
+        dinv = 1 / (1 + k * p)
         dg, dp = dinv * g, dinv * p
-        step = dg + c * dp * (p * dg).sum(1, keepdim=True) / (1 - c * (p * dp).sum(1, keepdim=True))
+        step = dg + k * dp * (p * dg).sum(1, keepdim=True) / (1 - k * (p * dp).sum(1, keepdim=True))
         f0, slope = value(v), -(g * step).sum(1)
         # Differences below the rounding of f0 carry no sign: accept them (else Newton stalls).
         slack = rounding_slack(f0)
@@ -287,8 +393,168 @@ def cross_entropy_env(z: Tensor, labels: Tensor, gamma: float, tol: float | None
                 break
             t = torch.where(bad, t / 2, t)
         v = v - t[:, None] * step
-    ok = res <= tol
     return -v, SolveInfo("closed form: batched Newton (cross-entropy)", it, res, ok, "" if ok else CAP)
+
+
+# -- torch's losses -----------------------------------------------------------------------------
+# Each returns grad env(gamma h)(z) for the loss module h as torch computes it (its reduction and
+# options), or None where its parameters have no closed form here (the caller then solves).
+
+
+def _rows(t: Tensor) -> Tensor:
+    """Class dimension last, one row per sample and position: ``(N, C)`` (dim 1 of ``(B, C, ...)``,
+    or the only dim of an unbatched ``(C,)``)."""
+    if t.dim() == 1:
+        return t[None]
+    return t if t.dim() == 2 else t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _unrows(rows: Tensor, like: Tensor) -> Tensor:
+    if like.dim() <= 2:
+        return rows.reshape(like.shape)
+    return rows.reshape(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
+
+
+def torch_cross_entropy_env(h: nn.CrossEntropyLoss, z: Tensor, target: Tensor,
+                            gamma: float) -> tuple[Tensor, SolveInfo] | None:
+    """``nn.CrossEntropyLoss(weight, ignore_index, reduction, label_smoothing)`` as
+    ``h(z) = (1/D) sum_i a_i logsumexp(z_i) - q_i^T z_i`` (:func:`softmax_env`, ``c = gamma / D``):
+
+    * class indices ``y_i`` with smoothing ``e`` over ``C`` classes and weights ``w`` (default 1):
+      ``q_i = (1 - e) w_{y_i} onehot(y_i) + (e / C) w``, rows with ``y_i = ignore_index`` dropped,
+      ``D = sum_i w_{y_i}`` over the kept rows (``mean``) or 1 (``sum``);
+    * probabilities ``t_i``: ``q_i = w * ((1 - e) t_i + e / C)``, ``D`` the number of rows or 1.
+
+    None for negative weights or probabilities (the problem may then not be convex)."""
+    zr = _rows(z)
+    n, C = zr.shape
+    w = torch.ones(C, dtype=z.dtype, device=z.device) if h.weight is None else h.weight.to(z.dtype)
+    e = h.label_smoothing
+    if bool((w < 0).any()):
+        return None
+    if target.is_floating_point():
+        t = _rows(target).to(z.dtype)
+        if bool((t < 0).any()):
+            return None
+        q = w * ((1 - e) * t + e / C) if e else w * t
+        D = float(n)
+    else:
+        y = target.reshape(-1).long()
+        keep = (y != h.ignore_index).to(z.dtype)
+        y = torch.where(y == h.ignore_index, 0, y)
+        wy = w[y] * keep
+        q = (1 - e) * wy[:, None] * F.one_hot(y, C).to(z.dtype)
+        if e:
+            q = q + (e / C) * w[None, :] * keep[:, None]
+        D = float(wy.sum())
+    if h.reduction == "sum":
+        D = 1.0
+    if D == 0:  # nothing left to average: the loss is 0/0 and has no gradient either
+        return torch.zeros_like(z), SolveInfo("closed form: empty cross-entropy")
+    env, info = softmax_env(zr, q, gamma / D)
+    return _unrows(env, z), info
+
+
+def _same_shape(z: Tensor, target: Tensor) -> bool:
+    return isinstance(target, Tensor) and target.shape == z.shape
+
+
+def _denominator(h: nn.Module, z: Tensor) -> int:
+    """What torch's elementwise losses divide by: every element (``mean``) or nothing (``sum``)."""
+    return max(z.numel(), 1) if h.reduction == "mean" else 1
+
+
+def mse_env(h: nn.MSELoss, z: Tensor, target: Tensor, gamma: float) -> tuple[Tensor, SolveInfo] | None:
+    """``h(z) = ||z - y||^2 / D`` (``D = z.numel()`` for ``mean``, not the batch; 1 for ``sum``):
+    ``grad env(gamma h)(z) = k (z - y) / (1 + k)`` with ``k = 2 gamma / D``."""
+    if not _same_shape(z, target):
+        return None
+    k = 2 * gamma / _denominator(h, z)
+    return k * (z - target.to(z.dtype)) / (1 + k), SolveInfo("closed form: squared error")
+
+
+def huber_env(h: nn.HuberLoss, z: Tensor, target: Tensor, gamma: float) -> tuple[Tensor, SolveInfo] | None:
+    """``h(z) = (1/D) sum huber_delta(z - y)``, ``huber_delta(r) = r^2/2`` for ``|r| <= delta``, else
+    ``delta (|r| - delta/2)``: per entry ``grad env(gamma h) = c r / max(1 + c, |r| / delta)`` with
+    ``c = gamma / D`` (the quadratic piece's ``c r / (1 + c)``, the linear piece's ``c delta sign r``)."""
+    if not _same_shape(z, target):
+        return None
+    c = gamma / _denominator(h, z)
+    r = z - target.to(z.dtype)
+    return c * r / (r.abs() / h.delta).clamp_min(1 + c), SolveInfo("closed form: Huber")
+
+
+def smooth_l1_env(h: nn.SmoothL1Loss | nn.L1Loss, z: Tensor, target: Tensor,
+                  gamma: float) -> tuple[Tensor, SolveInfo] | None:
+    """``h(z) = (1/D) sum sl1_beta(z - y)``, ``sl1_beta(r) = r^2 / (2 beta)`` for ``|r| < beta``, else
+    ``|r| - beta/2`` (``beta = 0``: ``|r|``, ``nn.L1Loss``): per entry
+    ``grad env(gamma h) = c r / max(beta + c, |r|)`` with ``c = gamma / D`` (soft thresholding at
+    ``beta = 0``)."""
+    if not _same_shape(z, target):
+        return None
+    c = gamma / _denominator(h, z)
+    r = z - target.to(z.dtype)
+    return c * r / r.abs().clamp_min(getattr(h, "beta", 0.0) + c), SolveInfo("closed form: smooth L1")
+
+
+def bce_with_logits_env(h: nn.BCEWithLogitsLoss, z: Tensor, target: Tensor,
+                        gamma: float) -> tuple[Tensor, SolveInfo] | None:
+    """``nn.BCEWithLogitsLoss(weight, reduction, pos_weight)``: per entry
+    ``w (p y softplus(-z) + (1 - y) softplus(z)) = S softplus(z) - A z`` with ``A = w p y``,
+    ``S = A + w (1 - y)``, summed and divided by ``D`` (every element, or 1). Per entry
+    ``v = argmin c (S softplus(z + v) - A (z + v)) + v^2/2``, ``c = gamma / D``: the root of the
+    increasing ``g(v) = c (S sigmoid(z + v) - A) + v`` in ``[-c (S - A), c A]`` by
+    :func:`newton_1d` from ``v = -c (S sigmoid(z) - A)``, to ``|g| <= 8 eps c (S (1 + |z|) + A)``.
+
+    None unless ``w, p >= 0`` and ``0 <= y <= 1`` (else the problem may not be convex)."""
+    if not _same_shape(z, target):
+        return None
+    y = target.to(z.dtype)
+    w = torch.ones_like(z) if h.weight is None else torch.broadcast_to(h.weight.to(z.dtype), z.shape)
+    p = torch.ones_like(z) if h.pos_weight is None else torch.broadcast_to(h.pos_weight.to(z.dtype), z.shape)
+    A = w * p * y
+    rest = w * (1 - y)
+    if bool((A < 0).any()) or bool((rest < 0).any()):
+        return None
+    S = A + rest
+    c = gamma / _denominator(h, z)
+    tol = 8 * torch.finfo(z.dtype).eps * c * (S * (1 + z.abs()) + A)
+    v, it, res, ok = newton_1d(lambda v: c * (S * torch.sigmoid(z + v) - A) + v,
+                               lambda v: 1 + c * S * _sigmoid_d1(z + v),
+                               -c * (S * torch.sigmoid(z) - A), -c * rest, c * A, tol, 60)
+    return -v, SolveInfo("closed form: 1-D safeguarded Newton (logistic)", it, res, ok, "" if ok else CAP)
+
+
+def linear_env(h: nn.Module, z: Tensor, target: Tensor, gamma: float) -> tuple[Tensor, SolveInfo]:
+    """``h`` linear in ``z`` (``nn.NLLLoss``, whatever its weights, ``ignore_index`` and
+    reduction): ``grad env(gamma h)(z) = gamma grad h``, exactly, the gradient taken through torch."""
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(h(zz, target), zz)
+    return gamma * g, SolveInfo("closed form: linear loss")
+
+
+TORCH_LOSSES: dict[type, Callable[..., tuple[Tensor, SolveInfo] | None]] = {
+    nn.CrossEntropyLoss: torch_cross_entropy_env,
+    nn.MSELoss: mse_env,
+    nn.HuberLoss: huber_env,
+    nn.SmoothL1Loss: smooth_l1_env,
+    nn.L1Loss: smooth_l1_env,
+    nn.BCEWithLogitsLoss: bce_with_logits_env,
+    nn.NLLLoss: linear_env,
+}
+
+
+def torch_loss_env(h: nn.Module, z: Tensor, target: Any, gamma: float) -> tuple[Tensor, SolveInfo] | None:
+    """``grad env(gamma h)(z)`` for one of torch's losses (:data:`TORCH_LOSSES`, or a subclass that
+    keeps its ``forward``), or None: another loss, or parameters without a closed form."""
+    for cls in type(h).__mro__:
+        fn = TORCH_LOSSES.get(cls)
+        if fn is not None:
+            if type(h).forward is not cls.forward:
+                return None
+            return fn(h, z, target, gamma)
+    return None
 
 
 def quadratic_env(A: Tensor, x: Tensor, alpha: float) -> Tensor:

@@ -2,16 +2,19 @@
 
 An objective is any callable ``h(output, target) -> scalar tensor``; the two below reduce by the
 mean over the batch, as 000 App. D.1 writes ``h(z) = (1/n) sum_i L(y_i, z_i)``, and check their
-inputs so that a shape or dtype slip fails with both shapes in the message.
+inputs so that a shape or dtype slip fails with both shapes in the message. torch's own losses
+(``nn.CrossEntropyLoss()``, ``nn.MSELoss()``, ``F.cross_entropy``, ...) are objectives as they are,
+with their own reductions; the Moreau rules know their closed forms.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checks import check_positive
 
@@ -101,3 +104,53 @@ class L2:
 
 
 Regularizer = L2
+
+
+FUNCTIONAL: dict[Any, type[nn.Module]] = {
+    F.cross_entropy: nn.CrossEntropyLoss,
+    F.mse_loss: nn.MSELoss,
+    F.binary_cross_entropy_with_logits: nn.BCEWithLogitsLoss,
+    F.nll_loss: nn.NLLLoss,
+    F.huber_loss: nn.HuberLoss,
+    F.smooth_l1_loss: nn.SmoothL1Loss,
+    F.l1_loss: nn.L1Loss,
+}
+"""``torch.nn.functional`` losses and the module that computes the same with default arguments."""
+
+
+def functional_loss(h: Any) -> nn.Module | None:
+    """The loss module equal to the function ``h`` called with its default arguments (``F.mse_loss``
+    is ``nn.MSELoss()``), or None for any other callable (a ``partial``, a lambda)."""
+    try:
+        cls = FUNCTIONAL.get(h)
+    except TypeError:  # unhashable
+        return None
+    return None if cls is None else cls()
+
+
+def _public_name(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("torch.nn"):
+        return f"nn.{cls.__qualname__}"
+    if module.startswith("moreaugrad."):
+        return f"mg.{module.split('.', 1)[1]}.{cls.__qualname__}"
+    return cls.__qualname__
+
+
+def check_objective(h: Any) -> None:
+    """Raise a clear error for an objective that cannot serve as ``h(output, target) -> scalar``.
+
+    Raises:
+        TypeError: ``h`` is a class (``nn.CrossEntropyLoss`` instead of ``nn.CrossEntropyLoss()``),
+            or is not callable.
+        ValueError: a torch loss with ``reduction='none'`` (it returns one loss per element).
+    """
+    if isinstance(h, type):
+        name = _public_name(h)
+        raise TypeError(f"objective: got the class {name}, not a loss; pass an instance: {name}()")
+    if not callable(h):
+        raise TypeError(f"objective: must be callable as h(output, target), got {type(h).__name__}")
+    if isinstance(h, nn.modules.loss._Loss) and h.reduction == "none":
+        name = _public_name(type(h))
+        raise ValueError(f"objective: {name}(reduction='none') returns one loss per element; the "
+                         f"objective must be a scalar: use reduction='mean' or 'sum'")

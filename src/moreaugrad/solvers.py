@@ -66,8 +66,11 @@ def tolerance(tol: float, scale: Tensor) -> Tensor:
 def rounding_slack(f: Tensor) -> Tensor:
     """Decreases below the rounding of ``f`` carry no sign; line searches accept them."""
     return 16 * torch.finfo(f.dtype).eps * (1 + f.abs())
+
+
 NON_FINITE = "non-finite iterate"
 CAP = "iteration cap reached before the tolerance"
+FIXED = "fixed step count, not checked"  # the start of a fixed-step solve's message (tol=None)
 
 
 def _check(owner: str, tol: float, max_iter: int) -> None:
@@ -141,8 +144,9 @@ def run(method: str, step: Callable[..., tuple[list[Tensor], Evaluated | None]],
     or at a negative-curvature witness along a step (the subproblem is not strongly convex).
 
     With ``tol=None`` it runs exactly ``max_iter`` steps (000 App. E.2.1 runs two) and skips the
-    gradient at the last iterate: the reported residual is then the one before the last step and
-    ``converged`` is None (not checked).
+    gradient at the last iterate, which would cost one more evaluation of ``F`` and its gradient
+    per solve: ``converged`` is None (not checked) and the message, starting with :data:`FIXED`,
+    says that the residual is that of the iterate before the last step, not of the returned point.
     """
     z = list(z0)
     f, g = start if start is not None else value_and_grad(fun, z)
@@ -178,7 +182,9 @@ def run(method: str, step: Callable[..., tuple[list[Tensor], Evaluated | None]],
     if message:
         return z, SolveInfo(method, it, r, False, message)
     if bound is None:
-        return z, SolveInfo(method, it, r, None, f"fixed {max_iter} steps; residual before the last step")
+        return z, SolveInfo(method, it, r, None, f"{FIXED} ({max_iter} steps, as asked); the residual "
+                                                 f"{r:.3g} is that of iterate {it - 1}, before the last "
+                                                 f"step, not measured at the returned point")
     converged = bool((res <= bound).all())
     return z, SolveInfo(method, it, r, converged, "" if converged else CAP)
 

@@ -123,6 +123,11 @@ class SolveInfo:
     message: str = ""
 
 
+class InexactSolveWarning(UserWarning):
+    """An inner solve stopped on its iteration cap before its tolerance, though fixed steps were
+    not asked for: the answer is inexact (its ``SolveInfo`` says by how much)."""
+
+
 @dataclass(frozen=True)
 class WeightUpdate:
     """A weight rule's answer: ``w_t^+ = w_t - step * direction`` (DESIGN section 2)."""

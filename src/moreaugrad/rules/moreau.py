@@ -18,6 +18,7 @@ the increment, never as the difference of the new point and the old one (float32
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import FunctionType
 from typing import Any
 
 import torch
@@ -25,8 +26,8 @@ from torch import Tensor, nn
 
 from .. import envelope
 from ..checks import check_positive
-from ..losses import L2, CrossEntropy, SquaredLoss
-from ..solvers import QuasiNewton, gdot
+from ..losses import L2, CrossEntropy, SquaredLoss, functional_loss
+from ..solvers import LBFGS, QuasiNewton, gdot
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
 from .grad import objective_value
 from .registry import LineRule, check_solve, lookup, register
@@ -137,6 +138,10 @@ class PerStage(Schedule):
 
 # -- the rule -----------------------------------------------------------------------------------
 
+PAPER_STEPS = QuasiNewton(tol=None, max_iter=2)
+"""The default generic solver: the paper's two quasi-Newton steps (000 App. E.2.1), for the layers'
+subproblems (the objective line solves to a tolerance instead: :func:`objective_solver`)."""
+
 
 @dataclass(frozen=True)
 class Moreau(LineRule):
@@ -155,7 +160,7 @@ class Moreau(LineRule):
     """
 
     schedule: Schedule = field(default_factory=Paper)
-    solver: Any = field(default_factory=lambda: QuasiNewton(tol=None, max_iter=2))
+    solver: Any = PAPER_STEPS
     solvers: dict[int, Any] = field(default_factory=dict)
     closed_forms: bool = True
     warm_start: bool = False
@@ -175,7 +180,9 @@ class Moreau(LineRule):
 
     def objective(self, h: Any, output: Tensor, target: Any,
                   horizon: int) -> tuple[Tensor, Signal, SolveInfo | None]:
-        """``lambda_tau = beta grad env(gamma h)(x_tau)``, by a closed form for ``type(h)`` if any."""
+        """``lambda_tau = beta grad env(gamma h)(x_tau)``, by a closed form for ``type(h)`` if any
+        (ours, torch's losses and their ``torch.nn.functional`` forms), else solved to a tolerance
+        (:func:`objective_solver`)."""
         loss, _ = objective_value(h, output, target)  # validates h and gives the loss
         gamma, beta = self.schedule.dual(horizon, horizon)
         entry = lookup(self, "objective", h) if self.closed_forms else GENERIC["objective"]
@@ -256,7 +263,8 @@ def generic_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
 
 
 def generic_objective(rule: Moreau, h: Any, z: Tensor, target: Any, gamma: float) -> tuple[Tensor, SolveInfo]:
-    """``grad env(gamma h)(z) = -argmin_y gamma h(z + y) + ||y||^2/2`` (``h`` couples the batch)."""
+    """``grad env(gamma h)(z) = -argmin_y gamma h(z + y) + ||y||^2/2`` (``h`` couples the batch),
+    solved by :func:`objective_solver`."""
 
     h0 = h(z, target).detach()
 
@@ -265,8 +273,20 @@ def generic_objective(rule: Moreau, h: Any, z: Tensor, target: Any, gamma: float
         # Relative to gamma h(z), so that values resolve a small move.
         return (gamma * (h(z + y, target) - h0) + 0.5 * y.pow(2).sum()).reshape(1)
 
-    (y,), info = rule.solver.solve(fun, [torch.zeros_like(z)])
+    (y,), info = objective_solver(rule).solve(fun, [torch.zeros_like(z)])
     return -y, info
+
+
+OBJECTIVE_SOLVER = LBFGS(tol=1e-10, max_iter=500)
+"""The objective line's solver for a loss without a closed form under the default solver: the
+paper's two quasi-Newton steps are meant for the layers' subproblems, and the objective's problem
+(one loss evaluation per iteration) is cheap to solve to a tolerance."""
+
+
+def objective_solver(rule: Any) -> Any:
+    """The rule's solver, fixed steps included, unless it is the default :data:`PAPER_STEPS`:
+    then :data:`OBJECTIVE_SOLVER`."""
+    return OBJECTIVE_SOLVER if rule.solver == PAPER_STEPS else rule.solver
 
 
 GENERIC = {"state": generic_state, "weight": generic_weight, "objective": generic_objective}
@@ -318,7 +338,10 @@ def activation_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     ``lambda_{t-1} = beta (x - u)``."""
     gamma, beta = rule.schedule.dual(site.t - 1, site.horizon)
     x = site.x_prev.detach()
-    y, info = envelope.activation(site.stage.module).increment(x, gamma * signal.dual(site.x.detach()))
+    prim = envelope.primitive(site.stage.module)
+    if prim is None:  # parameters without a closed form (Softplus beta <= 0, ELU alpha < 0)
+        return generic_state(rule, site, signal)
+    y, info = prim.increment(x, gamma * signal.dual(site.x.detach()))
     return StateUpdate(Dual(-beta * y), info)
 
 
@@ -335,6 +358,26 @@ def squared_objective(rule: Moreau, h: SquaredLoss, z: Tensor, target: Tensor,
 def cross_entropy_objective(rule: Moreau, h: CrossEntropy, z: Tensor, target: Tensor,
                             gamma: float) -> tuple[Tensor, SolveInfo]:
     return envelope.cross_entropy_env(z, target, gamma)
+
+
+@register(Moreau, "objective", *envelope.TORCH_LOSSES)
+def torch_loss_objective(rule: Moreau, h: nn.Module, z: Tensor, target: Any,
+                         gamma: float) -> tuple[Tensor, SolveInfo]:
+    """torch's losses (``nn.CrossEntropyLoss``, ``nn.MSELoss``, ...) in closed form with their exact
+    reduction and options (:func:`envelope.torch_loss_env`); the solver where it has none."""
+    out = envelope.torch_loss_env(h, z, target, gamma)
+    return out if out is not None else generic_objective(rule, h, z, target, gamma)
+
+
+@register(Moreau, "objective", FunctionType)
+def functional_objective(rule: Moreau, h: Any, z: Tensor, target: Any,
+                         gamma: float) -> tuple[Tensor, SolveInfo]:
+    """A ``torch.nn.functional`` loss (``F.cross_entropy``, ``F.mse_loss``, ...), called with its
+    default arguments, is its module's closed form; any other function goes to the solver."""
+    module = functional_loss(h)
+    if module is None:
+        return generic_objective(rule, h, z, target, gamma)
+    return torch_loss_objective(rule, module, z, target, gamma)
 
 
 def moreau(gamma: float = 0.5, alpha: float = 2.0, schedule: Schedule | None = None,
@@ -354,8 +397,11 @@ def moreau(gamma: float = 0.5, alpha: float = 2.0, schedule: Schedule | None = N
     """
     from . import Rule
 
+    if schedule is None:
+        check_positive("moreau", "gamma", gamma)
+        check_positive("moreau", "alpha", alpha)
     sched = schedule if schedule is not None else Paper(gamma, alpha)
-    solver = solver if solver is not None else QuasiNewton(tol=None, max_iter=2)
+    solver = solver if solver is not None else PAPER_STEPS
     rule = Moreau(sched, solver, dict(solvers or {}), closed_forms, warm_start, strict)
     return Rule(objective=rule, state=rule, weight=rule)
 
