@@ -27,13 +27,13 @@ def _mlp_oracle(objective=None, **kwargs):
 # --- chains ----------------------------------------------------------------------------------
 
 
-def test_chain_rejects_non_sequential():
-    with pytest.raises(TypeError, match=r"nn\.Sequential.*got Linear"):
-        mg.Chain(nn.Linear(3, 2))
+def test_chain_rejects_a_non_module():
+    with pytest.raises(TypeError, match=r"must be an nn\.Module.*got function"):
+        mg.Chain(lambda x: x)
 
 
 def test_chain_rejects_module_list():
-    with pytest.raises(TypeError, match=r"nn\.Sequential.*got ModuleList"):
+    with pytest.raises(TypeError, match=r"could not trace ModuleList"):
         mg.Chain(nn.ModuleList([nn.Linear(3, 2)]))
 
 
@@ -252,7 +252,7 @@ def test_l2_rejects_bad_mu(mu):
 
 @pytest.mark.parametrize("step", [0, -1.0, float("nan"), float("inf")])
 def test_backprop_rejects_bad_step(step):
-    with pytest.raises(ValueError, match=r"grad: step must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"backprop: step must be a finite number > 0"):
         mg.rules.backprop(step=step)
 
 
@@ -270,7 +270,7 @@ def test_regularizer_must_have_grad():
 
 def test_oracle_rejects_non_callable_objective():
     case = make("mlp")
-    with pytest.raises(TypeError, match="objective must be callable.*got str"):
+    with pytest.raises(TypeError, match="objective: must be callable.*got str"):
         mg.Oracle(mg.Chain(case.model), "cross_entropy")
 
 

@@ -47,7 +47,19 @@ def convnet() -> nn.Sequential:
                          nn.ReLU(), nn.Flatten(), nn.Linear(36, 5))
 
 
-MODELS = {"mlp": (mlp, (16, 20)), "convnet": (convnet, (8, 2, 8, 8))}
+def smooth() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 16), nn.Sigmoid(), nn.Linear(16, 16),
+                         nn.Softplus(), nn.Linear(16, 5))
+
+
+def grouped() -> nn.Sequential:
+    """Layers as single stages (Linear + activation): the generic inner solvers."""
+    return nn.Sequential(nn.Sequential(nn.Linear(20, 16), nn.Tanh()),
+                         nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 5))
+
+
+MODELS = {"mlp": (mlp, (16, 20)), "convnet": (convnet, (8, 2, 8, 8)), "smooth": (smooth, (16, 20)),
+          "grouped": (grouped, (16, 20))}
 
 
 def pair(name: str):
@@ -73,10 +85,29 @@ def max_rel_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max(errs)
 
 
+# Known limits, measured (max relative difference float32 vs float64), left open in issue 15's note:
+_CG = "CG(3) on the Gram of softplus outputs (condition ~1e3): float32 iterates lose cond * eps, 2e-4"
+_DECAY = ("the dual decays by kappa gamma per stage, to 1e-18 at the first layers: a generic solve "
+          "re-evaluates phi(x + v) next to |x| ~ 1, below float64's rounding there, 1e-3 to 1e-2")
+_TP = "plain TP's generic least squares (no proximal term) is ill-conditioned: cond * eps, 2e-2"
+KNOWN = {
+    ("smooth", "proxprop_cg", 1.0): _CG, ("smooth", "proxprop_cg", 1e-5): _CG,
+    ("smooth", "regularized_target_prop", 1e-3): _DECAY, ("smooth", "regularized_target_prop", 1e-5): _DECAY,
+    ("smooth", "augmented_lagrangian", 1e-3): _DECAY, ("grouped", "regularized_target_prop", 1e-5): _DECAY,
+    ("grouped", "target_prop", 1.0): _TP, ("grouped", "target_prop", 1e-3): _TP,
+    ("grouped", "target_prop", 1e-5): _TP,
+}
+
+
+# Capped generic solves are reported (InexactSolveWarning); the contract here is float32 == float64.
+@pytest.mark.filterwarnings("ignore::moreaugrad.InexactSolveWarning")
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("model", list(MODELS))
 def test_float32_equals_float64(model, preset, step):
+    reason = KNOWN.get((model, preset, step))
+    if reason:
+        pytest.xfail(reason)
     (m32, x32), (m64, x64), y = pair(model)
     d32 = directions(m32, x32, y, presets(step)[preset])
     d64 = directions(m64, x64, y, presets(step)[preset])
@@ -291,3 +322,34 @@ def test_input_grad_of_a_half_model_is_in_its_dtype():
     x = x32.to(torch.bfloat16).requires_grad_(True)
     mg.Oracle(mg.Chain(half), mg.losses.CrossEntropy(), mg.rules.target_prop()).backward(x, y)
     assert x.grad.dtype == torch.bfloat16 and bool(x.grad.abs().max() > 0)
+
+
+@pytest.mark.parametrize("module, x, r, want", [
+    (nn.Tanh(), 5.0, 1e-6, -0.00547701172401881),
+    (nn.Sigmoid(), 9.0, 1e-7, -0.0008101802015293115),
+    (nn.Softplus(beta=2.0), -5.0, 1e-6, -0.02252739065910262),
+    (nn.Tanh(), 10.0, 1e-10, -0.01198435086223011),
+])
+def test_small_moves_near_saturation_are_inverted_not_clipped(module, x, r, want):
+    """Plain TP's inverse of a reachable target, ``sigma^{-1}(sigma(x) - r) - x`` (float64 values from
+    mpmath), in float32 as in float64: a small move next to the range's end is not 'unreachable'."""
+    from moreaugrad.rules.target import _inverse_increment
+
+    for dtype in (torch.float32, torch.float64):
+        xt = torch.tensor([x], dtype=dtype)
+        v, out = _inverse_increment(module, xt, module(xt), torch.tensor([r], dtype=dtype))
+        assert not bool(out)
+        assert abs(float(v) - want) < 1e-5 * abs(want)
+
+
+def test_unreachable_targets_are_clipped_to_the_same_point_in_every_dtype():
+    from moreaugrad.rules.target import _inverse_increment
+
+    for module, x, r in [(nn.Tanh(), 0.3, 2.0), (nn.Sigmoid(), 0.0, 0.7), (nn.Softplus(), 1.0, 2.0)]:
+        got = []
+        for dtype in (torch.float32, torch.float64):
+            xt = torch.tensor([x], dtype=dtype)
+            v, out = _inverse_increment(module, xt, module(xt), torch.tensor([r], dtype=dtype))
+            assert bool(out)
+            got.append(float(v))
+        assert abs(got[0] - got[1]) < 1e-6 * abs(got[1])

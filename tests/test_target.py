@@ -163,7 +163,8 @@ def test_augmented_closed_forms_match_the_generic_solver(params):
     for act in (nn.ReLU, nn.LeakyReLU):
         model, x, y = mlp(act=act)
         solver = LBFGS(tol=1e-12, max_iter=200)  # the kinked problems end at the cap, close enough
-        closed = Augmented(**params, solver=solver)
+        # rcond = 1e-14: the exact least-squares fit (the default truncates small singular values)
+        closed = Augmented(**params, solver=solver, method=mg.lstsq.Exact(rcond=1e-14))
         tape = record(mg.Chain(model), x)
         torch.manual_seed(2)
         for site in tape.sites[1:]:
@@ -275,9 +276,9 @@ def test_network_inversion_targets_reduce_the_objective():
     (lambda: mg.rules.proxprop(tau_theta=0.0), "proxprop: tau_theta must be a finite number > 0, got 0.0"),
     (lambda: mg.rules.proxprop(tau=-1.0), "proxprop: tau must be a finite number > 0, got -1.0"),
     (lambda: mg.rules.proxprop(method=CG(0)), "CG: steps must be an int >= 1, got 0"),
-    (lambda: mg.rules.augmented_lagrangian(kappa=-1.0), "Augmented: kappa must be a finite number >= 0"),
-    (lambda: mg.rules.augmented_lagrangian(beta=-0.1), "Augmented: beta must be a finite number >= 0"),
-    (lambda: mg.rules.regularized_target_prop(gamma=0.0), "Augmented: gamma must be a number > 0"),
+    (lambda: mg.rules.augmented_lagrangian(kappa=-1.0), "augmented_lagrangian: kappa must be a finite"),
+    (lambda: mg.rules.augmented_lagrangian(beta=-0.1), "augmented_lagrangian: beta must be a finite"),
+    (lambda: mg.rules.regularized_target_prop(gamma=0.0), "regularized_target_prop: gamma must be a number"),
     (lambda: mg.rules.target_prop(kappa=0.0), "kappa"),
     (lambda: mg.rules.penalty_backprop(tau=0), "penalty_backprop: tau must be a finite number > 0"),
 ])
@@ -304,6 +305,9 @@ PRESETS = {
 }
 
 
+# The contract here is finite directions; a generic solve that hits its cap is reported by an
+# InexactSolveWarning (tested in test_trace.py) and in result.info.
+@pytest.mark.filterwarnings("ignore::moreaugrad.InexactSolveWarning")
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("name", CHAIN_NAMES)
 def test_every_preset_runs_on_every_chain(preset, name):

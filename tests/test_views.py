@@ -201,17 +201,17 @@ class Named(nn.Sequential):
     """A subclass that keeps ``nn.Sequential.forward``."""
 
 
-def test_sequential_subclass_with_forward_is_refused():
+def test_sequential_subclass_with_forward_is_traced_not_ignored():
+    """Its forward (a skip connection) is what the chain computes: traced, one stage, with a warning."""
     torch.manual_seed(0)
     skip = Skip(nn.Linear(4, 4), nn.Tanh()).double()
-    message = re.escape(
-        "moreaugrad.Chain: Skip overrides nn.Sequential.forward, which a chain would ignore (it runs "
-        "the children one after another). List the layers in a plain nn.Sequential, or make the "
-        "whole model one stage: Chain(nn.Sequential(model)).")
-    with pytest.raises(TypeError, match=message):
-        mg.Chain(skip)
-    with pytest.raises(TypeError, match=message):
-        mg.Oracle(skip, CE)
+    with pytest.warns(UserWarning, match="single stage"):
+        chain = mg.Chain(skip)
+    assert len(chain) == 1
+    x, y = data()
+    expected = autograd_grads(skip, x, y[:, None].double().expand(-1, 4), mg.losses.SquaredLoss())
+    mg.Oracle(chain, mg.losses.SquaredLoss()).backward(x, y[:, None].double().expand(-1, 4))
+    assert_grads(skip, expected)
 
 
 def test_sequential_subclass_as_one_stage_and_without_forward():
@@ -310,11 +310,13 @@ def test_inplace_first_op_leaves_the_user_input_alone():
     assert_grads(model, expected)
 
 
-def test_inplace_flag_reads_the_first_op():
-    block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True))
+def test_inplace_flag_reads_every_module_live():
+    """Any in-place module makes the stage clone its input (after a pass-through op, an in-place op
+    still writes into it); the flag follows the module as it is now."""
+    block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
     chain = mg.Chain(nn.Sequential(block, nn.Sequential(nn.Sequential(nn.ReLU(inplace=True)))))
     assert [s.inplace for s in chain.stages] == [False, True]
-    chain.model[0][0] = nn.ReLU(inplace=True)  # read live
+    chain.model[0][1] = nn.ReLU(inplace=True)  # read live
     assert chain.stages[0].inplace
 
 
@@ -519,6 +521,7 @@ PRESETS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore::moreaugrad.InexactSolveWarning")  # plain TP's generic solves
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_skips_closed_forms_on_a_parametrized_linear(preset):
     """No rule applies a closed form written for nn.Linear to a weight-normed Linear (its phi is not
@@ -532,3 +535,25 @@ def test_every_preset_skips_closed_forms_on_a_parametrized_linear(preset):
     assert all(torch.isfinite(v).all() for v in d.values())
     for info in (result.info[2].state, result.info[2].weight):
         assert info is None or "closed form" not in info.method, (preset, info)
+
+
+def test_in_place_op_after_a_pass_through_op_in_a_grouped_stage():
+    torch.manual_seed(0)
+    for first in (nn.Flatten(), nn.Identity(), nn.Dropout(0.5).eval()):
+        model = nn.Sequential(nn.Linear(4, 6), nn.Sequential(first, nn.ReLU(inplace=True)), nn.Linear(6, 3))
+        model = model.double()
+        x, y = data()
+        expected = autograd_grads(model, x, y, CE)
+        mg.Oracle(model, CE).backward(x, y)
+        assert_grads(model, expected)
+        model.zero_grad()
+
+
+def test_frozen_dynamics_controls_have_no_direction():
+    p = mg.control.Pendulum(horizon=6)
+    chain = p.chain()
+    chain.controls.requires_grad_(False)
+    result = mg.Oracle(chain, p.objective).backward()
+    assert result.directions == [None] * 6 and chain.controls.grad is None
+    chain.controls.requires_grad_(True)
+    assert mg.Oracle(chain, p.objective).backward().directions[0] is not None

@@ -6,14 +6,17 @@ any ``torch.optim`` optimizer and ``chain(x)`` is the plain forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
+from . import trace
 from .types import Weights
 
 
@@ -53,21 +56,28 @@ def plain(module: object) -> bool:
 
 
 def _other_dtype(t: Tensor, x: Tensor) -> bool:
-    """A floating tensor in another dtype than ``x`` (to be cast for a float32 re-evaluation)."""
-    return t.is_floating_point() and t.dtype != x.dtype
+    """A floating tensor in another floating dtype than ``x`` (to be cast for a float32
+    re-evaluation); an integer ``x`` (token ids) never asks for a cast."""
+    return t.is_floating_point() and x.is_floating_point() and t.dtype != x.dtype
+
+
+def _output(module: nn.Module, out: object) -> Tensor:
+    """The stage's output tensor. A recurrent module (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``) returns
+    ``(output, final state)``: the stage is ``x -> output`` from a zero initial state, and the final
+    state is dropped. Any other non-tensor output is refused, naming the module."""
+    if isinstance(module, nn.RNNBase):
+        return out[0]
+    if not isinstance(out, Tensor):
+        raise TypeError(f"moreaugrad.Chain: stage {type(module).__name__} returned a "
+                        f"{type(out).__name__}, not a tensor; a stage maps one tensor to one tensor "
+                        f"(wrap it in a module that returns the tensor to propagate)")
+    return out
 
 
 def _mixed(module: nn.Module, x: Tensor) -> bool:
     """Whether the module's first parameter is in another floating dtype than ``x``."""
     p = next(module.parameters(), None)
     return p is not None and _other_dtype(p, x)
-
-
-def _first_op(module: nn.Module) -> nn.Module:
-    """The module a plain ``nn.Sequential`` (possibly nested) applies first; else the module."""
-    while isinstance(module, nn.Sequential) and len(module) and _sequential_forward(module):
-        module = module[0]
-    return module
 
 
 def _sequential_forward(module: nn.Module) -> bool:
@@ -86,19 +96,24 @@ class Stage:
     """
 
     def __init__(self, module: nn.Module, slots: Sequence[Slot], index: int,
-                 fn: Callable[[Tensor, Tensor], Tensor] | None = None):
+                 fn: Callable[[Tensor, Tensor], Tensor] | None = None, name: str | None = None,
+                 control: Slot | None = None):
         self.module = module
         self.slots = tuple(slots)
+        self.control = control if control is not None else (self.slots[0] if fn is not None else None)
         self.index = index
         self.fn = fn
+        self.name = name
 
     @property
     def inplace(self) -> bool:
         """Whether the stage may write into its input, which would overwrite the recorded
-        ``x_{t-1}`` that rules re-read (and raise autograd's leaf error): its first op is in place,
-        or, where the order of its ops is unknown (a module with its own ``forward``), any
-        submodule is. Read at every call, so it follows the module as it is now."""
-        return any(getattr(m, "inplace", False) is True for m in _first_op(self.module).modules())
+        ``x_{t-1}`` that rules re-read (and raise autograd's leaf error): any of its modules is in
+        place (after a pass-through op such as ``Flatten`` or an eval-mode ``Dropout``, an in-place
+        op still writes into the input). Read at every call, so it follows the module as it is now."""
+        if not self.module._modules:
+            return getattr(self.module, "inplace", False) is True
+        return any(getattr(m, "inplace", False) is True for m in self.module.modules())
 
     def __repr__(self) -> str:
         return f"Stage({self.index}, {self.type_name})"
@@ -106,6 +121,13 @@ class Stage:
     @property
     def type_name(self) -> str:
         return type(self.module).__name__
+
+    @property
+    def description(self) -> str:
+        """``Type``, or ``name: Type`` for a stage of a traced model (``layer2.0: BasicBlock``)."""
+        if self.name is None:
+            return self.type_name
+        return self.name if ":" in self.name else f"{self.name}: {self.type_name}"
 
     @property
     def has_weights(self) -> bool:
@@ -126,16 +148,18 @@ class Stage:
             x = x.clone()
         w = self.weights()
         if not any(_other_dtype(v, x) for v in w.values()) and not _mixed(self.module, x):
-            return (self.fn(w["w"], x) if self.fn is not None else self.module(x)), w
+            out = (self.fn(self._w(w), x) if self.fn is not None
+                   else _output(self.module, self.module(x)))
+            return out, w
         w = {n: v.detach().to(x.dtype).requires_grad_(True) for n, v in w.items()}
         if self.fn is not None:
-            return self.fn(w["w"], x), w
+            return self.fn(self._w(w, x), x), w
         buffers = dict(self.module.named_buffers())
         state = {k: b.to(x.dtype) if _other_dtype(b, x) else b for k, b in buffers.items()}
         state.update({k: p.detach().to(x.dtype) for k, p in self.module.named_parameters()
                       if k not in w and _other_dtype(p, x)})
         state.update(w)
-        out = functional_call(self.module, state, (x,))
+        out = _output(self.module, functional_call(self.module, state, (x,)))
         with torch.no_grad():
             for k, b in buffers.items():
                 if state[k] is not b:
@@ -150,7 +174,7 @@ class Stage:
         if self.inplace:
             x = x.clone()
         if self.fn is not None:
-            return self.fn(w["w"] if "w" in w else self.slots[0].value().to(x.dtype), x)
+            return self.fn(self._w(w, x), x)
         # Cloned buffers absorb the running-statistics update a train-mode BatchNorm would make.
         state = {k: b.to(x.dtype) if _other_dtype(b, x) else b.clone()
                  for k, b in self.module.named_buffers()}
@@ -158,7 +182,14 @@ class Stage:
             state.update({k: p.detach().to(x.dtype) for k, p in self.module.named_parameters()
                           if _other_dtype(p, x)})
         state.update(w)
-        return functional_call(self.module, state, (x,))
+        return _output(self.module, functional_call(self.module, state, (x,)))
+
+    def _w(self, w: Weights, x: Tensor | None = None) -> Tensor:
+        """A dynamics stage's control: ``w["w"]``, else the current one (in ``x``'s dtype)."""
+        if "w" in w:
+            return w["w"]
+        control = self.control.value()
+        return control if x is None else control.to(x.dtype)
 
     @torch.no_grad()
     def accumulate(self, direction: Weights) -> None:
@@ -196,17 +227,21 @@ class Dynamics(nn.Module):
 class Chain(nn.Module):
     """A chain of computations ``x_t = phi_t(w_t, x_{t-1})`` (000 Def. 1.1).
 
-    Each child of the ``nn.Sequential`` is one stage: ``Linear, ReLU`` as two children are two
+    Each child of an ``nn.Sequential`` is one stage: ``Linear, ReLU`` as two children are two
     stages; ``Sequential(Linear, ReLU)`` as one child is one stage (a "layer"); a residual block is
-    one stage. Only parameters with ``requires_grad`` are stage weights.
+    one stage. Any other model (its own ``forward``, a ``Sequential`` subclass that overrides it, a
+    ``torch.compile``d model) is traced by ``torch.fx`` and cut wherever exactly one tensor flows
+    (:mod:`moreaugrad.trace`): a skip connection keeps its block inside one stage, and a single
+    ``Linear``, ``Conv2d`` or activation call stays its own stage with its closed forms. Only
+    parameters with ``requires_grad`` are stage weights.
 
     The chain is a view of the model, never a copy of its state: children, parameters and
     ``requires_grad`` are read at every call (:attr:`stages`), so it follows
-    ``load_state_dict(..., assign=True)``, a replaced child and layers frozen or unfrozen later.
+    ``load_state_dict(..., assign=True)``, a replaced child and layers frozen or unfrozen later (a
+    traced model is traced again when its submodules or parameters change).
 
     Args:
-        model: an ``nn.Sequential`` whose ``forward`` is ``nn.Sequential``'s own (a subclass that
-            overrides ``forward`` is refused: the chain would ignore that forward).
+        model: any ``nn.Module`` mapping one tensor to one tensor.
 
     Example:
         >>> chain = Chain(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
@@ -214,30 +249,54 @@ class Chain(nn.Module):
         3
     """
 
-    def __init__(self, model: nn.Sequential):
+    def __init__(self, model: nn.Module):
         super().__init__()
         if isinstance(model, Chain):
             raise TypeError("moreaugrad.Chain: model is already a Chain; use it directly")
-        if not isinstance(model, nn.Sequential):
-            raise TypeError(
-                f"moreaugrad.Chain: model must be an nn.Sequential whose children are the stages, "
-                f"got {type(model).__name__}. Wrap it, e.g. Chain(nn.Sequential(model)) for a single "
-                f"stage, or list its layers in an nn.Sequential."
-            )
-        if not _sequential_forward(model):
-            raise TypeError(
-                f"moreaugrad.Chain: {type(model).__name__} overrides nn.Sequential.forward, which a "
-                f"chain would ignore (it runs the children one after another). List the layers in a "
-                f"plain nn.Sequential, or make the whole model one stage: "
-                f"Chain(nn.Sequential(model))."
-            )
-        if len(model) == 0:
+        if isinstance(model, type):
+            raise TypeError(f"moreaugrad.Chain: model must be a module instance, got the class "
+                            f"{model.__name__}; instantiate it first")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"moreaugrad.Chain: model must be an nn.Module (an nn.Sequential whose "
+                            f"children are the stages, or any model torch.fx can trace), got "
+                            f"{type(model).__name__}")
+        if isinstance(model, nn.Sequential) and _sequential_forward(model) and len(model) == 0:
             raise ValueError("moreaugrad.Chain: model must have at least one stage, got an empty "
                              "nn.Sequential")
-        self.model = model
         self.x0: Tensor | None = None
         self._phi: Callable[[Tensor, Tensor], Tensor] | None = None
         self._stage_cache: tuple[tuple, tuple[Stage, ...]] = ((), ())
+        if isinstance(model, nn.Sequential) and _sequential_forward(model):
+            self.model = model
+            self._traced: tuple[nn.Module, tuple] | None = None
+            self._names: list[str] | None = None
+        else:
+            self._traced = (trace.source(model), ())
+            self._retrace()
+
+    @classmethod
+    def from_stages(cls, stages: Sequence[nn.Module]) -> Chain:
+        """A chain whose stages are the given modules, in order (``Chain(nn.Sequential(*stages))``):
+        for a model that cannot be traced, list its parts yourself."""
+        return cls(nn.Sequential(*stages))
+
+    def _source_key(self) -> tuple:
+        root = self._traced[0]
+        return (tuple(id(m) for m in root.modules()),
+                tuple((id(p), p.requires_grad) for p in root.parameters()))
+
+    def _retrace(self) -> None:
+        """Trace the source model again (at construction, and when its modules or parameters changed)."""
+        root = self._traced[0]
+        named = trace.parts(root)
+        if len(named) == 1 and isinstance(named[0][1], fx.GraphModule):
+            warnings.warn(f"moreaugrad.Chain: {type(root).__name__} traced into a single stage (no point "
+                          f"of its forward passes exactly one tensor on); every oracle then solves one "
+                          f"problem over the whole model with its generic solver", UserWarning,
+                          stacklevel=3)
+        self.model = nn.Sequential(*(m for _, m in named))
+        self._names = [n for n, _ in named]
+        self._traced = (root, self._source_key())
 
     @classmethod
     def from_dynamics(cls, phi: Callable[[Tensor, Tensor], Tensor], controls: Tensor,
@@ -269,6 +328,7 @@ class Chain(nn.Module):
         self.controls = controls if isinstance(controls, nn.Parameter) else nn.Parameter(
             controls.detach().clone())
         self.model = nn.Sequential(Dynamics(phi))
+        self._traced, self._names = None, None
         self.register_buffer("x0", x0.detach().clone() if x0.dim() > 1 else x0.detach()[None].clone())
         self._phi = phi
         self._stage_cache = ((), ())
@@ -282,26 +342,45 @@ class Chain(nn.Module):
         :class:`Stage` objects are rebuilt only when one of them changed (a key of object ids and
         flags, a few microseconds), so the same model gives the same stages.
         """
+        if self.__dict__.get("_pinned") is not None:
+            return self._pinned
+        if self._traced is not None and self._source_key() != self._traced[1]:
+            self._retrace()
         key = self._stage_key()
         if key != self._stage_cache[0]:
             self._stage_cache = (key, self._build_stages())
         return self._stage_cache[1]
 
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[tuple[Stage, ...]]:
+        """The stages read once and held for the duration of one oracle call (the model cannot
+        change in the middle of it), so that every access inside costs nothing."""
+        stages = self.stages
+        self._pinned = stages
+        try:
+            yield stages
+        finally:
+            self._pinned = None
+
     def _stage_key(self) -> tuple:
         # Ids are safe: the cached stages hold the keyed objects, so no id can be reused meanwhile.
         if self._phi is not None:
-            return id(self.model[0]), id(self.controls), self.controls.shape[0]
+            return id(self.model[0]), id(self.controls), self.controls.shape[0], self.controls.requires_grad
         return tuple((id(child), tuple((n, id(p), p.requires_grad) for n, p in child.named_parameters()))
                      for child in self.model)
 
     def _build_stages(self) -> tuple[Stage, ...]:
         if self._phi is not None:
             step = self.model[0]
-            return tuple(Stage(step, [Slot("w", self.controls, t)], t, fn=self._phi)
+            frozen = not self.controls.requires_grad  # frozen controls: a chain without weights
+            return tuple(Stage(step, [] if frozen else [Slot("w", self.controls, t)], t, fn=self._phi,
+                               control=Slot("w", self.controls, t))
                          for t in range(self.controls.shape[0]))
+        names = self._names or [None] * len(self.model)
         return tuple(
-            Stage(child, [Slot(n, p) for n, p in child.named_parameters() if p.requires_grad], t)
-            for t, child in enumerate(self.model)
+            Stage(child, [Slot(n, p) for n, p in child.named_parameters() if p.requires_grad], t,
+                  name=name)
+            for t, (child, name) in enumerate(zip(self.model, names, strict=True))
         )
 
     def __len__(self) -> int:
@@ -325,5 +404,7 @@ class Chain(nn.Module):
         return x
 
     def reference(self) -> Tensor | None:
-        """A parameter or buffer whose dtype and device inputs must match (None if there is none)."""
-        return next(iter(self.parameters()), None) if self.x0 is None else self.x0
+        """A floating parameter or buffer whose dtype and device inputs must match (None if none)."""
+        if self.x0 is not None:
+            return self.x0
+        return next((p for p in self.parameters() if p.is_floating_point()), None)

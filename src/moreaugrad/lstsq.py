@@ -30,6 +30,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .chain import plain
 from .checks import check_count
@@ -41,10 +42,19 @@ from .types import SolveInfo, Weights
 class Exact:
     """Solve exactly: the Gram closed form where one is registered (``Linear``, ``Conv2d``), else CG
     to the relative tolerance ``||residual|| <= tol ||rhs||`` per group (at most ``max_iter`` steps;
-    ``tol`` is floored at the dtype's rounding level, see ``solvers.tolerance``)."""
+    ``tol`` is floored at the dtype's rounding level, see ``solvers.tolerance``).
+
+    ``rcond``: plain least squares (``c = 0``, target propagation's fits and inverses) is solved by
+    the pseudo-inverse with singular values below ``rcond`` times the largest dropped (a truncated
+    SVD). The exact minimum-norm solution follows directions the data barely determine: with a
+    dtype's own cutoff, float32 and float64 disagree there, and ``Oracle.step`` diverges (ReLU MLP
+    64-32-32-10 on digits, batch 32, target_prop: loss 2.3 to 1e5 in 30 steps at float64's own
+    cutoff, to 1.69 at ``1e-3`` in float32 and float64 alike).
+    """
 
     tol: float = 1e-10
     max_iter: int = 500
+    rcond: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -81,12 +91,15 @@ def jvp(fn: Any, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> t
     """``(fn(*primals), J tangents)`` by eager forward-mode AD (dual tensors), or, for an op
     without a forward-mode formula (``weight_norm``'s kernel), by two reverse passes."""
     _load_forward_ad()
-    try:
-        with fwAD.dual_level():
-            out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)))
-            primal, tangent = fwAD.unpack_dual(out)
-    except NotImplementedError:
-        return _jvp_by_two_vjps(fn, primals, tangents)
+    # Attention through its math kernel: the fused CPU/GPU kernels have no forward-mode formula
+    # and no double backward.
+    with sdpa_kernel(SDPBackend.MATH):
+        try:
+            with fwAD.dual_level():
+                out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)))
+                primal, tangent = fwAD.unpack_dual(out)
+        except NotImplementedError:
+            return _jvp_by_two_vjps(fn, primals, tangents)
     return primal, torch.zeros_like(primal) if tangent is None else tangent
 
 
@@ -204,14 +217,15 @@ def _rows(site: Any) -> _Rows | None:
     return _Rows(a, site.x.shape, m.weight.shape, m.bias is not None, conv)
 
 
-def _ridge_rows(R: Tensor, a: Tensor, kappa: float, c: float, extra: Tensor | None = None) -> Tensor:
+def _ridge_rows(R: Tensor, a: Tensor, kappa: float, c: float, extra: Tensor | None = None,
+                rcond: float = 0.0) -> Tensor:
     """``(R^T a + extra) (kappa a^T a + c I)^{-1}`` for rows ``R`` (``N x out``): one symmetric
     solve of size ``in~`` (004 eq. 44), or of size ``N`` when the batch is the smaller side and
     there is no ``extra``, by the push-through identity
     ``a (kappa a^T a + c I)^{-1} = (kappa a a^T + c I)^{-1} a``."""
     n, k = a.shape
-    if c == 0 and extra is None:  # minimum-norm least squares: pinv(a), not pinv(a^T a) (cond^2)
-        return (torch.linalg.pinv(a) @ R).T / kappa
+    if c == 0 and extra is None:  # truncated least squares: pinv(a), not pinv(a^T a) (cond^2)
+        return (torch.linalg.pinv(a, rtol=rcond) @ R).T / kappa
     if c > 0 and n < k and extra is None:
         small = kappa * (a @ a.T) + c * torch.eye(n, dtype=a.dtype, device=a.device)
         return _sym_solve(small, R, c).T @ a
@@ -267,7 +281,8 @@ def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
         extra = mu * rows.stack(w_now) if mu else None
         R = R if s == 1 else s * R
         if isinstance(method, Exact):
-            d, info = _ridge_rows(R, a, kappa, c + mu, extra), SolveInfo("closed form: Gram solve")
+            d = _ridge_rows(R, a, kappa, c + mu, extra, method.rcond)
+            info = SolveInfo("closed form: Gram solve")
         else:
             d, info = _cg_rows(R, a, kappa, c + mu, steps, tol, extra)
         return rows.weights(-d), info
@@ -302,7 +317,7 @@ def solve_state(site: Any, r: Tensor, scale: float, kappa: float, c: float, meth
             K = kappa * W.T @ W + c * torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
             d = _sym_solve(K, dx.reshape(-1, W.shape[1]).T, c).T
         else:  # minimum-norm least squares: delta = -pinv(W) r
-            d = (torch.linalg.pinv(W) @ r.reshape(-1, W.shape[0]).T).T / kappa
+            d = (torch.linalg.pinv(W, rtol=method.rcond) @ r.reshape(-1, W.shape[0]).T).T / kappa
         return -(scale + kappa) * d.reshape(site.x_prev.shape), SolveInfo("closed form: Gram solve")
     x0 = site.x_prev.detach()
 

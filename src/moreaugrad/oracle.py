@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from .chain import Chain
-from .losses import Regularizer
+from .losses import Regularizer, check_objective
 from .rules import Rule, backprop
+from .solvers import CAP
 from .sweep import NonFiniteError, all_finite, record, sweep
-from .types import Signal, StageInfo, Weights
+from .types import InexactSolveWarning, Signal, StageInfo, Weights
 
 __all__ = ["NonFiniteError", "Oracle", "OracleResult"]
 
@@ -53,7 +55,10 @@ class Oracle:
     Args:
         chain: a :class:`~moreaugrad.Chain` (an ``nn.Sequential`` is wrapped in one).
         objective: ``h(output, target) -> scalar``, e.g. :class:`~moreaugrad.losses.CrossEntropy`.
-        rule: the rule per line of the sweep (default :func:`~moreaugrad.rules.backprop`).
+        rule: the rule per line of the sweep (default :func:`~moreaugrad.rules.backprop`). A rule
+            with a method ``finish(tape, result) -> SweepResult`` has it called after the sweep, on
+            the recorded tape, to give the final directions, steps and info (the roll-out of
+            :mod:`moreaugrad.second_order`).
         regularizer: ``r_t`` for every stage (e.g. ``L2(1e-6)``), or a sequence with one entry (or
             ``None``) per stage.
 
@@ -66,10 +71,12 @@ class Oracle:
                  rule: Rule | None = None,
                  regularizer: Regularizer | Sequence[Regularizer | None] | None = None):
         self.chain = chain if isinstance(chain, Chain) else Chain(chain)
-        if not callable(objective):
-            raise TypeError(f"Oracle: objective must be callable as h(output, target), got "
-                            f"{type(objective).__name__}")
+        check_objective(objective)
         self.objective = objective
+        self._losses: list[float] = []
+        self._warned_growth = False
+        self._warned_inexact = False
+        self._checked: tuple | None = None
         self.rule = backprop() if rule is None else rule
         if not isinstance(self.rule, Rule):
             raise TypeError(f"Oracle: rule must be a moreaugrad.rules.Rule (e.g. "
@@ -89,10 +96,14 @@ class Oracle:
                                 f"(e.g. mg.losses.L2(1e-6)), got {type(r).__name__}")
 
     def _check_input(self, x: Tensor) -> None:
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"Oracle: the batch is empty (x has shape {tuple(x.shape)}); a chain's "
+                             f"input needs a leading batch dimension of at least one sample")
         ref = self.chain.reference()
         if ref is None:
             return
-        if x.dtype != ref.dtype:
+        # An integer input (token ids into an embedding) has no dtype to match and no signal.
+        if x.is_floating_point() and x.dtype != ref.dtype:
             raise TypeError(f"Oracle: input dtype {x.dtype} does not match the chain's dtype "
                             f"{ref.dtype}; convert one of them (e.g. x.to({ref.dtype}))")
         if x.device != ref.device:
@@ -122,8 +133,14 @@ class Oracle:
         return [self.regularizers[0]] * tau
 
     def _run(self, x: Tensor | None, y: Any) -> OracleResult:
+        with self.chain.pinned() as stages:
+            if stages is not self._checked:  # the model changed: check its tensors again
+                self._check_materialized()
+                self._checked = stages
+            return self._call(x, y)
+
+    def _call(self, x: Tensor | None, y: Any) -> OracleResult:
         x = self.chain.input(x)
-        self._check_materialized()
         self._check_input(x)
         if (x.is_floating_point() or x.is_complex()) and not all_finite(x):
             raise NonFiniteError(f"Oracle: the input x is not finite "
@@ -131,11 +148,20 @@ class Oracle:
         # Half precision: the sweep runs in float32, outside autocast, as autocast itself upcasts
         # reductions; in bf16/fp16 a residual tau lambda or a tolerance is below the rounding of x.
         compute = torch.float32 if x.dtype in HALF else None
+        if x.is_inference():  # made under inference_mode: a normal tensor can enter autograd
+            with torch.inference_mode(False):
+                x = x.clone()
         autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
-        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        # The oracle takes its own derivatives, also inside torch.no_grad() (an evaluation loop).
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext(), \
+                torch.inference_mode(False), torch.enable_grad():
             tape = record(self.chain, x, self._regularizers(), input_signal=x.requires_grad,
                           compute=compute)
             out = sweep(tape, self.rule, self.objective, y)
+            # Hook: a rule whose step needs a pass after the sweep (the forward roll-out of a
+            # second-order step, 003 Algo 4) has finish(tape, result) -> result with its directions.
+            if hasattr(self.rule, "finish"):
+                out = self.rule.finish(tape, out)
         loss = out.loss
         for site in tape.sites:
             if site.regularizer is not None:
@@ -145,6 +171,7 @@ class Oracle:
         directions = [None if u is None else _in_param_dtypes(stage, u.direction)
                       for stage, u in zip(self.chain.stages, out.directions, strict=True)]
         _check_finite(directions)
+        self._warn_inexact(out.info, tape.sites)
         # signal_0, like every signal, was checked for finiteness by the sweep.
         return OracleResult(
             loss=loss.detach(),
@@ -183,13 +210,52 @@ class Oracle:
     def step(self, x: Tensor | None = None, y: Any = None) -> OracleResult:
         """The paper's own update ``w_t <- w_t - s_t d_t = w_t^+`` for every stage (000 Algo 6).
 
-        ``.grad`` is left untouched. The returned loss is the one before the update.
+        ``.grad`` is left untouched. The returned loss is the one before the update. A loss that
+        grew at each of ``GROWTH_STEPS`` calls in a row, to more than twice where the run of
+        growth began, is reported once per oracle by a :class:`DivergenceWarning` (the steps are
+        too large for this rule: e.g. ``target_prop`` with a small ``kappa``).
         """
         result = self._run(x, y)
         for stage, d, s in zip(self.chain.stages, result.directions, result.steps, strict=True):
             if d is not None:
                 stage.update(d, s)
+        self._watch_growth(float(result.loss))
         return result
+
+    def _warn_inexact(self, info: list[StageInfo], sites: list[Any]) -> None:
+        """One :class:`~moreaugrad.InexactSolveWarning` per oracle for a solve that stopped on its
+        iteration cap (fixed-step solves, which the user asked for, are not inexact)."""
+        if self._warned_inexact:
+            return
+        for site, stage in zip(sites, info, strict=True):
+            objective = stage.extra.get("objective")
+            for where, i in (("objective", objective), ("state", stage.state), ("weight", stage.weight)):
+                if i is not None and i.message == CAP:
+                    self._warned_inexact = True
+                    line = "objective" if where == "objective" else f"{where} subproblem of {site.label}"
+                    warnings.warn(f"Oracle: the {line} stopped on its iteration cap ({i.method}, "
+                                  f"{i.iterations} iterations, residual {i.residual:.3g}); its answer is "
+                                  f"inexact (see result.info; reported once per oracle)",
+                                  InexactSolveWarning, stacklevel=4)
+                    return
+
+    def _watch_growth(self, loss: float) -> None:
+        losses = self._losses
+        losses.append(loss)
+        del losses[:-GROWTH_STEPS - 1]
+        grew = len(losses) > GROWTH_STEPS and all(b > a for a, b in zip(losses, losses[1:], strict=False))
+        if grew and losses[-1] > 2 * losses[0] and not self._warned_growth:
+            self._warned_growth = True
+            warnings.warn(f"Oracle.step: the loss grew at each of the last {GROWTH_STEPS} steps, from "
+                          f"{losses[0]:.4g} to {losses[-1]:.4g}; this rule's steps diverge here "
+                          f"(reported once per oracle)", DivergenceWarning, stacklevel=3)
+
+
+GROWTH_STEPS = 5
+
+
+class DivergenceWarning(UserWarning):
+    """``Oracle.step`` keeps increasing the loss: the rule's steps are too large for the problem."""
 
 
 HALF = (torch.float16, torch.bfloat16)

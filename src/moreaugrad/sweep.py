@@ -68,7 +68,7 @@ class Site:
     @property
     def label(self) -> str:
         """``stage t (Type)``, for messages."""
-        return f"stage {self.t} ({self.stage.type_name})"
+        return f"stage {self.t} ({self.stage.description})"
 
     @property
     def needs_state(self) -> bool:

@@ -78,16 +78,21 @@ class LineRule:
 
     strict: bool = False
 
+    @property
+    def owner(self) -> str:
+        """The name errors give: the preset the rule was built by, where it records one."""
+        return getattr(self, "preset", type(self).__name__)
+
     def entry(self, line: str, site: Any) -> Entry:
         """The function that answers ``line`` for this site (a subclass may bypass the table)."""
         return lookup(self, line, site.stage.module)
 
     def state(self, site: Any, signal: Signal) -> StateUpdate:
         update = self.entry("state", site)(self, site, signal)
-        check_solve(type(self).__name__, self.strict, f"state subproblem of {site.label}", update.info)
+        check_solve(self.owner, self.strict, f"state subproblem of {site.label}", update.info)
         return update
 
     def weight(self, site: Any, signal: Signal) -> WeightUpdate:
         update = self.entry("weight", site)(self, site, signal)
-        check_solve(type(self).__name__, self.strict, f"weight subproblem of {site.label}", update.info)
+        check_solve(self.owner, self.strict, f"weight subproblem of {site.label}", update.info)
         return update

@@ -27,6 +27,7 @@ propagation (Algo 10-11, eq. 40): ``x_{t-1}^+ = argmin_y ||phi_t(w_t, y) - x_t^+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +169,7 @@ class Augmented(LineRule):
         solver: the generic solver for every other stage.
         strict: raise on a non-finite iterate, a subproblem found not to be strongly convex, or a
             target with no preimage (plain target propagation).
+        preset: the name errors give (the preset the user called, e.g. ``target_prop``).
 
     A stage regulariser ``r_t`` enters the weight problem itself (000 App. D.6): ``L2`` in closed
     form on linear stages, any other regulariser through the generic solver.
@@ -181,9 +183,10 @@ class Augmented(LineRule):
     method: Method = field(default_factory=Exact)
     solver: Any = field(default_factory=lambda: LBFGS(tol=1e-8, max_iter=100))
     strict: bool = False
+    preset: str = field(default="Augmented", compare=False)
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
+        name = self.preset
         _check_nonneg(name, "kappa", self.kappa)
         _check_nonneg(name, "beta", self.beta)
         _check_step(name, "gamma", self.gamma)
@@ -219,7 +222,7 @@ class Augmented(LineRule):
         z = output.detach()
         moreau = Moreau(solver=self.solver)
         env, info = lookup(moreau, "objective", h)(moreau, h, z, target, 1 / m)
-        check_solve(type(self).__name__, self.strict, "objective subproblem", info)
+        check_solve(self.owner, self.strict, "objective subproblem", info)
         return loss.detach(), Target.moved(z, env), info
 
     def terms(self, site: Any, signal: Signal) -> tuple[Tensor, float, float]:
@@ -261,7 +264,13 @@ def augmented_piecewise_state(rule: Augmented, site: Any, signal: Signal) -> Sta
     ``sigma(x + v) - sigma(x) = s_j v + o_j`` (``o_j = 0`` on the piece holding ``x``), so the
     objective ``scale r (s_j v + o_j) + c/2 v^2 + kappa/2 (s_j v + o_j + r)^2`` is a quadratic
     minimised in closed form and clipped to the piece; the best piece wins, ties going to the
-    smallest change ``|v|`` (the regularised projection of ReLU, 000 Sec. 3.2)."""
+    smallest change ``|v|`` (the regularised projection of ReLU, 000 Sec. 3.2).
+
+    Plain target propagation has no proximal term, and its approximate inverse is solved from
+    ``y = x_{t-1}`` (000 eq. 40, Algo 10): the minimiser over the pieces a descent method started
+    at ``x`` can reach, i.e. not past a flat piece. A unit on a flat piece (a dead ReLU) keeps its
+    input, since its gradient there is 0, instead of jumping by ``|x|`` to reach a small target
+    on the other side of the kink; a leaky ReLU, with no flat piece, is inverted exactly."""
     pw = envelope.activation(site.stage.module)
     r, scale, kappa = rule.terms(site, signal)
     x = site.x_prev.detach()
@@ -272,6 +281,7 @@ def augmented_piecewise_state(rule: Augmented, site: Any, signal: Signal) -> Sta
     unit = _unit(r)
     r = r / unit
     edges = [-INF, *pw.knots, INF]
+    reach = None if rule.proximal else _reachable(x, edges, pw.slopes)
     best_v = best_f = best_dist = None
     for j, s in enumerate(pw.slopes):
         lo, hi = edges[j], edges[j + 1]
@@ -297,6 +307,8 @@ def augmented_piecewise_state(rule: Augmented, site: Any, signal: Signal) -> Sta
             v = (inside - x) / unit
             t = (s * v + off) + r
         f = scale * r * t + 0.5 * c * v * v + 0.5 * kappa * t * t  # less the constant -scale r^2
+        if reach is not None:  # only the pieces descent from x reaches: see the docstring
+            f = torch.where(reach[j], f, INF)
         dist = v.abs()
         if best_v is None:
             best_v, best_f, best_dist = v, f, dist
@@ -309,6 +321,21 @@ def augmented_piecewise_state(rule: Augmented, site: Any, signal: Signal) -> Sta
     return StateUpdate(_moved(site, best_v * unit), SolveInfo("closed form: piecewise linear"))
 
 
+def _reachable(x: Tensor, edges: list[float], slopes: Sequence[float]) -> list[Tensor]:
+    """Per piece ``j``, where a descent from ``x`` can get to it: ``x`` lies in a piece ``k`` and
+    every piece from ``k`` up to (not including) ``j`` has a non-zero slope."""
+    holds = [(x >= edges[k]) & (x <= edges[k + 1]) for k in range(len(slopes))]
+    reach = []
+    for j in range(len(slopes)):
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        for k, held in enumerate(holds):
+            between = range(k, j) if k < j else range(j + 1, k + 1)
+            if all(slopes[m] != 0 for m in between):
+                mask = mask | held
+        reach.append(mask)
+    return reach
+
+
 def _unit(r: Tensor) -> float:
     """A power of 2 near ``max |r|`` when that is far from 1 (else 1): a scale to compute in."""
     m = float(r.detach().abs().max()) if r.numel() else 0.0
@@ -317,32 +344,39 @@ def _unit(r: Tensor) -> float:
     return 2.0 ** math.floor(math.log2(m))
 
 
+CLIP = 1e-6  # how far inside an activation's open range an unreachable target is clipped
+
+
 def _inverse_increment(module: nn.Module, x: Tensor, t: Tensor, r: Tensor) -> tuple[Tensor, Tensor] | None:
     """For plain target propagation on an invertible activation: ``v = sigma^{-1}(t - r) - x`` with
     ``t = sigma(x)``, written as a difference of inverses so that a small ``r`` keeps its digits,
     and the mask of targets ``t - r`` outside the open range of ``sigma`` (no preimage: 000 eq. 40
-    has no minimiser), which are clipped into it. None for other modules."""
-    eps = torch.finfo(x.dtype).eps ** 0.5
+    has no minimiser). The mask compares ``r`` with the distances from ``t`` to the range's ends,
+    formed without cancellation (``1 - tanh(x) = 2 sigmoid(-2x)``); masked targets are clipped
+    :data:`CLIP` inside the range, the same point in every dtype. None for other modules."""
     a = t - r
     if isinstance(module, nn.Tanh):
-        out = (a <= -1 + eps) | (a >= 1 - eps)
+        out = (-r >= 2 * torch.sigmoid(-2 * x)) | (r >= 2 * torch.sigmoid(2 * x))
         # atanh(a) - atanh(t) = atanh((a - t) / (1 - a t)), 1 - a t = sech(x)^2 + t r
         v = torch.atanh((-r / (torch.cosh(x).pow(-2) + t * r)).clamp(-1, 1))
-        return torch.where(out, torch.atanh(a.clamp(-1 + eps, 1 - eps)) - x, v), out
+        edge = 0.5 * math.log((2 - CLIP) / CLIP)  # atanh(1 - CLIP), exactly in every dtype
+        return torch.where(out, torch.where(a > 0, 1.0, -1.0).to(x.dtype) * edge - x, v), out
     if isinstance(module, nn.Sigmoid):
-        out = (a <= eps) | (a >= 1 - eps)
+        out = (r >= t) | (-r >= torch.sigmoid(-x))
         # logit(a) - logit(t) = log1p(-r / t) - log1p(r / (1 - t)), 1 - t = sigmoid(-x)
-        v = torch.log1p(-r / t) - torch.log1p(r / torch.sigmoid(-x))
-        return torch.where(out, torch.logit(a.clamp(eps, 1 - eps)) - x, v), out
+        safe = torch.where(out, torch.zeros_like(r), r)
+        v = torch.log1p(-safe / t) - torch.log1p(safe / torch.sigmoid(-x))
+        edge = math.log((1 - CLIP) / CLIP)  # logit(1 - CLIP)
+        return torch.where(out, torch.where(a > 0, 1.0, -1.0).to(x.dtype) * edge - x, v), out
     if isinstance(module, nn.Softplus):
         beta, thr = module.beta, module.threshold
-        out = a <= eps / beta
+        out = r >= t
         # softplus^{-1}(a) - softplus^{-1}(t) = log1p(-expm1(-beta r) / expm1(-beta t)) / beta
-        ratio = (-torch.expm1(-beta * r) / torch.expm1(-beta * t)).clamp_min(-1 + eps)
+        safe = torch.where(out, torch.zeros_like(r), r)
+        ratio = -torch.expm1(-beta * safe) / torch.expm1(-beta * t)
         v = torch.where(beta * x > thr, -r, torch.log1p(ratio) / beta)
-        ac = a.clamp_min(eps / beta)
-        clipped = ac + torch.log(-torch.expm1(-beta * ac)) / beta - x
-        return torch.where(out, clipped, v), out
+        edge = math.log(math.expm1(CLIP)) / beta  # softplus^{-1}(CLIP / beta)
+        return torch.where(out, edge - x, v), out
     return None
 
 
@@ -367,51 +401,71 @@ def augmented_smooth_state(rule: Augmented, site: Any, signal: Signal) -> StateU
     return StateUpdate(_moved(site, v), SolveInfo("closed form: inverse", 0, 0.0, n == 0, message))
 
 
+def _work_dtype(site: Any) -> torch.dtype:
+    """The dtype of a generic solve: float64 for a float32 (or half) stage. Its objective holds
+    ``phi_t(x + v) - x_t + r``, whose two first terms cancel to ``eps |x_t|`` for a small move: in
+    float32 that is the whole answer at small steps (issue 15), in float64 it is 1e-9 of it. A stage
+    that draws random numbers (dropout) keeps its dtype, so that it draws the recorded ones."""
+    dtype = site.x_prev.dtype
+    return torch.float64 if dtype in LOW and site.rng is None else dtype
+
+
+LOW = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @register(Augmented, "state")
 def augmented_generic_state(rule: Augmented, site: Any, signal: Signal) -> StateUpdate:
     """The state subproblem by the rule's solver, per sample, in the increment ``v`` (values are
-    taken relative to ``phi_t(x_{t-1}) = x_t``, so that a small move is resolved)."""
+    taken relative to ``phi_t(x_{t-1}) = x_t``, so that a small move is resolved; float32 stages
+    are solved in float64, :func:`_work_dtype`)."""
     r, scale, kappa = rule.terms(site, signal)
     x = site.x_prev.detach()
-    x_t = site.x.detach()
+    work = _work_dtype(site)
+    xw, rw = x.to(work), r.to(work)
+    x_t = site.x.detach() if work == x.dtype else site.phi(x=xw)
     c = rule.c_state
     B = site.groups
 
     def fun(z: list[Tensor]) -> Tensor:
         (v,) = z
-        e = site.phi(x=x + v) - x_t
-        val = 0.5 * c * gdot([v], [v], B) + 0.5 * kappa * gdot([e + r], [e + r], B)
-        return val + scale * gdot([r], [e], B) if scale else val
+        e = site.phi(x=xw + v) - x_t
+        val = 0.5 * c * gdot([v], [v], B) + 0.5 * kappa * gdot([e + rw], [e + rw], B)
+        return val + scale * gdot([rw], [e], B) if scale else val
 
-    f0 = 0.5 * kappa * gdot([r], [r], B)
+    f0 = 0.5 * kappa * gdot([rw], [rw], B)
     g0, _ = site.vjp((scale + kappa) * r, weights=False)
-    (v,), info = rule.solver.solve(fun, [torch.zeros_like(x)], (f0, [g0]))
-    return StateUpdate(_moved(site, v), info)
+    (v,), info = rule.solver.solve(fun, [torch.zeros_like(xw)], (f0, [g0.to(work)]))
+    return StateUpdate(_moved(site, v.to(x.dtype)), info)
 
 
 @register(Augmented, "weight")
 def augmented_generic_weight(rule: Augmented, site: Any, signal: Signal) -> WeightUpdate:
     """The weight subproblem of 000 App. D.6 by the rule's solver, in the increment ``u = v - w``,
-    with the stage's regulariser ``r_t(w + u)`` inside it."""
+    with the stage's regulariser ``r_t(w + u)`` inside it (float32 stages in float64)."""
     r, _, _ = rule.terms(site, signal)
     names = list(site.w)
-    w = [site.w[n].detach() for n in names]
+    work = _work_dtype(site)
+    dtypes = [site.w[n].dtype for n in names]
+    w = [site.w[n].detach().to(work) for n in names]
+    xw, rw = site.x_prev.detach().to(work), r.to(work)
+    x_t = site.x.detach() if work == site.x_prev.dtype else site.phi(dict(zip(names, w, strict=True)), xw)
     scale, kappa, c = rule.beta, rule.kappa, rule.c_weight
-    x_t = site.x.detach()
     reg = site.regularizer
 
     def fun(z: list[Tensor]) -> Tensor:
-        e = site.phi({n: wi + zi for n, wi, zi in zip(names, w, z, strict=True)}) - x_t
-        val = 0.5 * c * gdot(z, z, 1) + 0.5 * kappa * gdot([e + r], [e + r], 1)
+        e = site.phi({n: wi + zi for n, wi, zi in zip(names, w, z, strict=True)}, xw) - x_t
+        val = 0.5 * c * gdot(z, z, 1) + 0.5 * kappa * gdot([e + rw], [e + rw], 1)
         if reg is not None:
             val = val + sum(reg(wi + zi) - reg(wi) for wi, zi in zip(w, z, strict=True))
-        return val + scale * gdot([r], [e], 1) if scale else val
+        return val + scale * gdot([rw], [e], 1) if scale else val
 
-    f0 = 0.5 * kappa * gdot([r], [r], 1)
+    f0 = 0.5 * kappa * gdot([rw], [rw], 1)
     _, g0 = site.vjp((scale + kappa) * r)
-    g0 = [g0[n] + reg.grad(wi) if reg is not None else g0[n] for n, wi in zip(names, w, strict=True)]
+    g0 = [(g0[n].to(work) + reg.grad(wi)) if reg is not None else g0[n].to(work)
+          for n, wi in zip(names, w, strict=True)]
     z, info = rule.solver.solve(fun, [torch.zeros_like(wi) for wi in w], (f0, g0))
-    return WeightUpdate({n: -zi / rule.step for n, zi in zip(names, z, strict=True)}, rule.step, info)
+    return WeightUpdate({n: (-zi / rule.step).to(dt) for n, zi, dt in zip(names, z, dtypes, strict=True)},
+                        rule.step, info)
 
 
 # -- presets -------------------------------------------------------------------------------------
@@ -440,29 +494,36 @@ def target_prop(kappa: float = 1.0, method: Method | None = None, solver: Any = 
     """Plain target propagation (000 Algo 10-11): approximate inverses and least-squares fits,
     ``x_tau^+ = argmin h(y) + kappa/2 ||y - x_tau||^2``; ``Oracle.step`` lands on the fits.
     A target outside an activation's range (no preimage) is clipped and reported, or raises
-    :class:`SolverError` under ``strict``."""
-    return _augmented(kappa, 0.0, INF, INF, False, method, solver, strict)
+    :class:`SolverError` under ``strict``.
+
+    ``kappa`` sets the output target's step ``1/kappa`` (per sample ``1/(kappa B)``: losses average
+    over the batch). The inverses are solved from ``x_{t-1}`` (a dead ReLU keeps its input) and
+    the fits by a truncated pseudo-inverse (``lstsq.Exact.rcond``). Measured with ``Oracle.step``
+    on a ReLU MLP 64-32-32-10 on digits, batch 32, 30 steps, float32 and float64 alike: loss 2.33
+    to 1.69 at ``kappa = 1``, 2.24 at 10, 2.31 at 100 (too small a step to move). Smaller ``kappa``
+    or a plain ``rcond`` can diverge; :meth:`Oracle.step` warns when the loss keeps growing."""
+    return _augmented(kappa, 0.0, INF, INF, False, method, solver, strict, "target_prop")
 
 
 def regularized_target_prop(kappa: float = 1.0, gamma: float = 1.0, alpha: float = 1.0,
                             method: Method | None = None, solver: Any = None, strict: bool = False) -> Any:
     """Regularised target propagation (000 Algo 12-13): proximal point steps on the penalty, with a
     regulariser ``r_t`` inside the weight problem (000 App. D.6)."""
-    return _augmented(kappa, 0.0, gamma, alpha, True, method, solver, strict)
+    return _augmented(kappa, 0.0, gamma, alpha, True, method, solver, strict, "regularized_target_prop")
 
 
 def augmented_lagrangian(kappa: float = 1e-5, beta: float = 1.0, gamma: float = 1.0, alpha: float = 1.0,
                          method: Method | None = None, solver: Any = None, strict: bool = False) -> Any:
     """The augmented-Lagrangian oracle (000 Algo 7-9, App. F.2; AL-MSGD with ``torch.optim.SGD``),
     with a regulariser ``r_t`` inside the weight problem (000 App. D.6)."""
-    return _augmented(kappa, beta, gamma, alpha, True, method, solver, strict)
+    return _augmented(kappa, beta, gamma, alpha, True, method, solver, strict, "augmented_lagrangian")
 
 
 def _augmented(kappa: float, beta: float, gamma: float, alpha: float, proximal: bool, method: Method | None,
-               solver: Any, strict: bool) -> Any:
+               solver: Any, strict: bool, preset: str) -> Any:
     from . import Rule
 
-    kw: dict[str, Any] = {"strict": strict}
+    kw: dict[str, Any] = {"strict": strict, "preset": preset}
     if method is not None:
         kw["method"] = method
     if solver is not None:
