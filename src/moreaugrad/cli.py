@@ -4,6 +4,7 @@
     moreaugrad list                                   # the experiments in experiments/
     moreaugrad run 000_fig3 [--smoke | --full]        # one figure or table of a paper
     moreaugrad plot runs/000_fig3                     # redraw a run's figures and summary
+    moreaugrad analyze --vgg16 --batch-norm 0.01      # Lipschitz and smoothness bounds, per layer (003)
 
 Runs resume: interrupt one (Ctrl-C, a kill) and rerun the same command; it continues from the last
 checkpoint and ends with the same results as an uninterrupted run with the same seed.
@@ -12,6 +13,7 @@ checkpoint and ends with the same results as an uninterrupted run with the same 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -65,6 +67,23 @@ def _out_folder(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
     return path
+
+
+def _nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _nonnegative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
 
 
 def _existing_folder(text: str) -> Path:
@@ -126,6 +145,30 @@ def parser() -> argparse.ArgumentParser:
                          "reproduces.")
     lst.add_argument("--experiments", type=_existing_folder, default=None, help="folder of configs to list")
     _common(lst, "unused (accepted by every command)")
+
+    ana = sub.add_parser("analyze", help="Lipschitz and smoothness bounds of a model, layer by layer (003)",
+                         description="Print the per-layer table of output bounds m, Lipschitz constants l "
+                         "and smoothness L of the model of CONFIG (its first train panel, or --panel) or "
+                         "of the smooth VGG-16 of 003 Sec. 5.1, on balls ||v_l|| <= R (003 Prop. 4.4), "
+                         "and the step 1/L_F of its objective (003 Thm. 4.1). With --out, also write "
+                         "analysis.json and analysis.png (per-layer factors, log scale).")
+    ana.add_argument("config", metavar="CONFIG", nargs="?", default=None,
+                     help="a config file or an experiment name (see `list`)")
+    ana.add_argument("--vgg16", action="store_true", help="VGG-16 with soft-plus and average pooling on "
+                     "3x224x224 inputs (003 Sec. 5.1) instead of a config")
+    ana.add_argument("--batch-norm", type=_positive, default=None, metavar="EPS",
+                     help="with --vgg16: a batch-normalization with this epsilon after each convolution")
+    ana.add_argument("--panel", default=None, help="the panel of CONFIG whose model to analyze")
+    ana.add_argument("--batch", type=_threads, default=None,
+                     help="mini-batch size m (default: the panel's batch_size; 128 for --vgg16)")
+    ana.add_argument("--radius", type=_nonnegative, default=1.0, help="R, the radius of each layer's "
+                     "ball of weights (default 1)")
+    ana.add_argument("--input-norm", type=_nonnegative, default=None,
+                     help="||x|| of the whole input batch (default: 1 for --vgg16, as 003 Sec. 5.2; for a "
+                     "config sqrt(batch x input size), the norm of unit-variance inputs)")
+    ana.add_argument("--experiments", type=_existing_folder, default=None,
+                     help="folder to look up CONFIG by name")
+    _common(ana, "folder for analysis.json and analysis.png (default: print only)")
     return top
 
 
@@ -243,7 +286,72 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "plot": cmd_plot, "list": cmd_list}
+# Input shape (per sample) and classes of each dataset, so that `analyze` reads no data files.
+DATASET_SHAPES = {"digits": ((1, 8, 8), 10), "mnist1d": ((1, 40), 10), "mnist": ((1, 28, 28), 10),
+                  "cifar10": ((3, 32, 32), 10)}
+
+
+def _config_model(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], int, str, Any, Any]:
+    """The model of a config's train panel: ``(model, input shape, batch, title, loss, regularizer)``."""
+    from . import losses, runner
+
+    path = runner.config.find(args.config, _experiment_dirs(args.experiments))
+    exp = runner.load(path)
+    if isinstance(exp, runner.config.Script):
+        raise ValueError(f"analyze: {path} is a script experiment; its model is not in the config")
+    train = {n: p for n, p in exp.panels.items() if p["kind"] == "train"}
+    if not train:
+        raise ValueError(f"analyze: {path} has no train panel (a control experiment has no network)")
+    name = args.panel or next(iter(train))
+    if name not in train:
+        raise ValueError(f"analyze: no train panel {name!r} in {path}; panels: {sorted(train)}")
+    panel = train[name]
+    dataset = panel.get("dataset", {}).get("name", "digits")
+    if dataset not in DATASET_SHAPES:
+        raise ValueError(f"analyze: unknown dataset {dataset!r}; known: {sorted(DATASET_SHAPES)}")
+    in_shape, classes = DATASET_SHAPES[dataset]
+    model, flat = runner.models.build(panel.get("model", {}), in_shape, classes)
+    shape = (math.prod(in_shape),) if flat else in_shape
+    loss = losses.SquaredLoss() if panel.get("loss") == "squared" else losses.CrossEntropy()
+    reg = losses.L2(float(panel["l2"])) if panel.get("l2") else None
+    return model, shape, int(panel.get("batch_size", 128)), f"{exp.name} / {name}", loss, reg
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from . import losses, smoothness
+
+    if (args.config is None) == (not args.vgg16):
+        raise ValueError("analyze: give either CONFIG or --vgg16")
+    if args.batch_norm is not None and not args.vgg16:
+        raise ValueError("analyze: --batch-norm goes with --vgg16")
+    if args.vgg16:
+        model, shape = smoothness.vgg16(args.batch_norm), (3, 224, 224)
+        batch, loss, reg = args.batch or 128, losses.CrossEntropy(), None
+        title = "VGG-16 (003 Sec. 5.1)" + ("" if args.batch_norm is None else
+                                            f" with batch-norm, eps = {args.batch_norm:g}")
+        norm = 1.0 if args.input_norm is None else args.input_norm
+    else:
+        model, shape, batch, title, loss, reg = _config_model(args)
+        batch = args.batch or batch
+        norm = math.sqrt(batch * math.prod(shape)) if args.input_norm is None else args.input_norm
+    try:
+        est = smoothness.estimate(model, shape, radius=args.radius, input_norm=norm, batch=batch, loss=loss,
+                                  regularizer=reg)
+    except smoothness.UnsupportedModuleError as err:
+        raise ValueError(str(err)) from err
+    print(f"{title}\n{est}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "analysis.json").write_text(json.dumps({"model": title, **est.to_dict()}, indent=1))
+        fig = est.figure()
+        fig.savefig(args.out / "analysis.png", dpi=120)
+        print(f"\nwrote {args.out / 'analysis.json'} and {args.out / 'analysis.png'}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "plot": cmd_plot, "list": cmd_list, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:
