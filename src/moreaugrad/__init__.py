@@ -6,17 +6,19 @@
     opt.zero_grad(); oracle.backward(x, y); opt.step()
 """
 
-from . import control, data, losses, lstsq, rules, solvers
+from . import control, data, losses, lstsq, rules, second_order, smoothness, solvers
 from .chain import Chain, Stage
-from .oracle import NonFiniteError, Oracle, OracleResult, UnderflowError
-from .types import Dual, SolveInfo, Target
+from .oracle import DivergenceWarning, NonFiniteError, Oracle, OracleResult, UnderflowError
+from .types import Dual, InexactSolveWarning, SolveInfo, Target
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Chain",
     "Dual",
+    "InexactSolveWarning",
     "NonFiniteError",
+    "DivergenceWarning",
     "UnderflowError",
     "Oracle",
     "OracleResult",
@@ -28,5 +30,7 @@ __all__ = [
     "losses",
     "lstsq",
     "rules",
+    "second_order",
+    "smoothness",
     "solvers",
 ]

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import check_positive
 from ..types import ObjectiveRule, StateRule, WeightRule
 from .fenchel import (
     AdaptiveSpacing,
@@ -86,6 +87,7 @@ def backprop(step: float = 1.0) -> Rule:
     Args:
         step: the step of ``Oracle.step`` (gradient descent); ``Oracle.backward`` ignores it.
     """
+    check_positive("backprop", "step", step)
     return Rule(objective=Grad(), state=Grad(), weight=Grad(step))
 
 
@@ -96,4 +98,14 @@ __all__ = [
     "regularized_target_prop", "target_prop",
     "Geometric", "Grad", "Lagrangian", "LineRule", "Moreau", "Paper", "PerStage", "Rule", "Schedule",
     "SolverError", "backprop", "lookup", "moreau", "register",
+    "Safe",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Safe (000 Prop. 2.3) lives in moreaugrad.smoothness, which imports this package: load it on use.
+    if name == "Safe":
+        from ..smoothness.safe import Safe
+
+        return Safe
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,11 +15,14 @@ import moreaugrad as mg
 
 RULES = ("backprop", "moreau", "proxprop", "penalty_backprop", "augmented_lagrangian", "target_prop",
          "regularized_target_prop", "fenchel", "contrastive_backprop")
+# Not presets of mg.rules but oracles of mg.second_order (003 Sec. 3); the same Oracle runs them.
+SECOND_ORDER = ("gauss_newton", "newton")
 OPTIMIZERS = ("step", "sgd", "adam")
 SCHEDULES = {"paper": mg.rules.Paper, "geometric": mg.rules.Geometric, "lagrangian": mg.rules.Lagrangian}
 KEYS = {"rule", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "betas", "label", "enabled",
         "gamma", "alpha", "beta", "kappa", "rho", "schedule", "tau", "tau_theta", "cg", "step", "spacing",
-        "tau_max", "batch_mean"}
+        "tau_max", "batch_mean", "method", "tol", "strict"}
+GN_METHODS = ("dp", "dual", "cg")
 SPACINGS = ("constant", "adaptive")
 
 
@@ -73,12 +76,28 @@ def rule(spec: dict[str, Any]) -> Any:
         alpha = spec.get("alpha", 1.0)
         gamma = spec["rho"] * alpha if "rho" in spec else spec.get("gamma", 1.0)
         return mg.rules.augmented_lagrangian(spec.get("kappa", 1e-5), spec.get("beta", 1.0), gamma, alpha)
+    if name in SECOND_ORDER:
+        return _second_order(name, spec)
     if name == "target_prop":
         return mg.rules.target_prop(spec.get("kappa", 1.0))
     if name == "regularized_target_prop":
         return mg.rules.regularized_target_prop(spec.get("kappa", 1.0), spec.get("gamma", 1.0),
                                                 spec.get("alpha", 1.0))
-    raise ValueError(f"method: rule must be one of {RULES}, got {name!r}")
+    raise ValueError(f"method: rule must be one of {RULES + SECOND_ORDER}, got {name!r}")
+
+
+def _second_order(name: str, spec: dict[str, Any]) -> Any:
+    """``gauss_newton`` (``method = "dp" | "dual" | "cg"``, ``cg`` steps, ``tol``) or ``newton``, with
+    step ``gamma`` and ``strict``: 003 Sec. 3 through ``mg.second_order``."""
+    gamma, strict = spec.get("gamma", 1.0), spec.get("strict", False)
+    if name == "newton":
+        return mg.second_order.newton(gamma, strict=strict)
+    kind = spec.get("method", "dp")
+    if kind not in GN_METHODS:
+        raise ValueError(f"method gauss_newton: method must be one of {GN_METHODS}, got {kind!r}")
+    method = {"dp": mg.second_order.DP, "dual": lambda: mg.second_order.DualCG(spec.get("tol", 1e-12)),
+              "cg": lambda: mg.second_order.CG(int(spec.get("cg", 10)), spec.get("tol", 0.0))}[kind]()
+    return mg.second_order.gauss_newton(gamma, method=method, strict=strict)
 
 
 def optimizer(spec: dict[str, Any], params: Any) -> torch.optim.Optimizer | None:
