@@ -101,6 +101,12 @@ LAYERS = {
     "avg_pool": img(nn.AvgPool2d(2)),
     "avg_pool_overlapping": img(nn.AvgPool2d(3, stride=1)),
     "adaptive_avg_pool": img(nn.AdaptiveAvgPool2d(4)),
+    # an output larger than the input: one entry lies in up to o windows (torchvision's VGG on 32x32)
+    "adaptive_avg_pool_enlarging": lambda: (nn.Sequential(nn.Conv2d(2, 2, 1),
+                                                          nn.AdaptiveAvgPool2d(7)).double(),
+                                            torch.randn(3, 2, 1, 1, dtype=F64)),
+    "adaptive_avg_pool_3_to_5": lambda: (nn.Sequential(nn.Conv2d(2, 2, 1), nn.AdaptiveAvgPool2d(5)).double(),
+                                         torch.randn(3, 2, 3, 3, dtype=F64)),
     "max_pool": img(nn.MaxPool2d(2)),
     "avg_pool1d": lambda: (nn.Sequential(nn.Conv1d(2, 3, 3), nn.AvgPool1d(2)).double(),
                            torch.randn(3, 2, 9, dtype=F64)),
@@ -498,3 +504,13 @@ def test_analyze_bad_options_exit_2(argv, message, capsys):
         cli.main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_measure_refuses_what_estimate_refuses():
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    x = torch.randn(4, 3, dtype=F64)
+    with pytest.raises(ValueError, match="around has no entry for parameter '0.bias'"):
+        mg.smoothness.measure(model, x, around={"0.weight": model[0].weight})
+    for field in ("points", "iterations"):
+        with pytest.raises(ValueError, match=f"{field} must be an int >= 1"):
+            mg.smoothness.measure(model, x, **{field: 0})

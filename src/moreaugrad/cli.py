@@ -342,6 +342,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except smoothness.UnsupportedModuleError as err:
         raise ValueError(str(err)) from err
     print(f"{title}\n{est}")
+    if args.input_norm is None and not args.vgg16:
+        # Standardised data have mean square 1, but a batch's norm can exceed sqrt(B d) (digits: by
+        # up to ~20%), and every bound scales with it: say what was assumed.
+        print(f"\nassumed ||x_0|| = sqrt(batch * d) = {norm:.4g} (unit mean square); the bounds hold for "
+              f"batches within that norm: pass --input-norm for your data's largest batch norm")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "analysis.json").write_text(json.dumps({"model": title, **est.to_dict()}, indent=1))

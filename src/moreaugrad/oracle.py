@@ -230,7 +230,7 @@ class Oracle:
         for site, stage in zip(sites, info, strict=True):
             objective = stage.extra.get("objective")
             for where, i in (("objective", objective), ("state", stage.state), ("weight", stage.weight)):
-                if i is not None and i.message == CAP:
+                if i is not None and i.converged is False and CAP in i.message:
                     self._warned_inexact = True
                     line = "objective" if where == "objective" else f"{where} subproblem of {site.label}"
                     warnings.warn(f"Oracle: the {line} stopped on its iteration cap ({i.method}, "

@@ -153,9 +153,11 @@ class CG:
 Method = DP | DualCG | CG
 
 MAX_HALVINGS = 60
-# Piecewise-linear functions: their Hessian is zero wherever it exists and their curvature sits in
-# the kinks, which a Newton model cannot see (003 assumes twice-differentiable layers).
+# Piecewise-linear functions (their Hessian is zero wherever it exists and their curvature sits in
+# the kinks, which a Newton model cannot see; 003 assumes twice-differentiable layers), and functions
+# once but not twice differentiable (ELU's second derivative jumps at 0), or kinked by a max/min.
 KINKS = frozenset({
+    "elu", "elu_", "selu", "selu_", "celu", "celu_", "maximum", "minimum", "fmax", "fmin",
     "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "prelu", "rrelu", "rrelu_", "hardtanh",
     "hardtanh_", "hardsigmoid", "hardswish", "hardshrink", "softshrink", "threshold", "threshold_",
     "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
@@ -863,7 +865,7 @@ def _autodiff(rule: SecondOrder, tape: Tape, result: SweepResult) -> SweepResult
         x, solve = cg(apply, [-g for g in grads], rule.method.steps, 1, rule.method.tol)
     else:
         x, solve = _dual(rule, tape, keys, top, grads, ops)
-    if solve.message and rule.strict:
+    if (solve.message or solve.converged is False) and rule.strict:
         raise SolverError(f"gauss_newton: {solve.message} (after {solve.iterations} iterations); h must "
                           f"be convex at x_tau for a Gauss-Newton step (003 Prop. 3.5)")
     report = StepReport(rule.curvature, gamma, gamma, calls=ops.calls)
@@ -905,7 +907,10 @@ def _dual(rule: SecondOrder, tape: Tape, keys: list[list[str] | None], top: Outp
         return L.T @ ops.jvp([m * ui for m, ui in zip(minv, u, strict=True)]).reshape(-1)
 
     rhs = -LtJtMinv(grads)
-    (z,), solve = cg(lambda p: [p[0] + LtJtMinv(JL(p[0]))], [rhs], max(L.shape[1], 1), 1, rule.method.tol)
+    # rank H steps are exact in exact arithmetic only: at a large gamma the system is ill-conditioned,
+    # so CG runs on to its tolerance (and reports the cap if it does not get there).
+    (z,), solve = cg(lambda p: [p[0] + LtJtMinv(JL(p[0]))], [rhs], 10 * max(L.shape[1], 1), 1,
+                     rule.method.tol)
     jlz = JL(z)
     x = [-m * (g + a) for m, g, a in zip(minv, grads, jlz, strict=True)]
     return x, solve

@@ -411,6 +411,19 @@ def _work_dtype(site: Any) -> torch.dtype:
 
 
 LOW = (torch.float32, torch.float16, torch.bfloat16)
+TINY = 1e-8
+LINEARISED = Exact(tol=1e-12)
+
+
+def _tiny(r: Tensor, x_t: Tensor) -> bool:
+    """Whether the move is below ``TINY (1 + max |x_t|)``: then ``phi_t(x + v) - phi_t(x)`` is
+    ``J v`` to a relative ``O(|v|)``, below what any dtype resolves next to ``x_t``, while
+    re-evaluating ``phi_t`` would lose the move to rounding (a dual decayed over many stages).
+    Such problems are solved on the linearisation: CG on ``J^T J`` by jvp and vjp, exact to
+    ``1e-12``, with no difference of nearly equal numbers."""
+    if not r.numel():
+        return False
+    return float(r.detach().abs().max()) <= TINY * (1 + float(x_t.detach().abs().max()))
 
 
 @register(Augmented, "state")
@@ -419,6 +432,9 @@ def augmented_generic_state(rule: Augmented, site: Any, signal: Signal) -> State
     taken relative to ``phi_t(x_{t-1}) = x_t``, so that a small move is resolved; float32 stages
     are solved in float64, :func:`_work_dtype`)."""
     r, scale, kappa = rule.terms(site, signal)
+    if _tiny(r, site.x):
+        delta, info = solve_state(site, r, scale, kappa, rule.c_state, LINEARISED, site.groups)
+        return StateUpdate(_moved(site, delta), info)
     x = site.x_prev.detach()
     work = _work_dtype(site)
     xw, rw = x.to(work), r.to(work)
@@ -443,6 +459,10 @@ def augmented_generic_weight(rule: Augmented, site: Any, signal: Signal) -> Weig
     """The weight subproblem of 000 App. D.6 by the rule's solver, in the increment ``u = v - w``,
     with the stage's regulariser ``r_t(w + u)`` inside it (float32 stages in float64)."""
     r, _, _ = rule.terms(site, signal)
+    mu = _regularizer_mu(site)
+    if mu is not None and _tiny(r, site.x):
+        delta, info = solve_weight(site, r, rule.beta, rule.kappa, rule.c_weight, LINEARISED, mu=mu)
+        return WeightUpdate({n: -d / rule.step for n, d in delta.items()}, rule.step, info)
     names = list(site.w)
     work = _work_dtype(site)
     dtypes = [site.w[n].dtype for n in names]

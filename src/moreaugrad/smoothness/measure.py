@@ -110,6 +110,9 @@ def measure(model: nn.Module, x: Tensor, *, radius: float = 1.0, around: Any = N
         raise ValueError(f"smoothness.measure: radius must be a finite number >= 0, got {radius!r}")
     if loss is None and regularizer is not None:
         raise ValueError("smoothness.measure: a regularizer needs a loss")
+    for field, value in (("points", points), ("iterations", iterations)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"smoothness.measure: {field} must be an int >= 1, got {value!r}")
     items = leaves(model)
     root = model.model if isinstance(model, Chain) else model
     groups: list[list[str]] = []
@@ -126,6 +129,9 @@ def measure(model: nn.Module, x: Tensor, *, radius: float = 1.0, around: Any = N
             if p.dtype != x.dtype:
                 raise TypeError(f"smoothness.measure: parameter {n} is {p.dtype} but x is {x.dtype}")
             c = center_map.get(n, center_map.get(f"model.{n}")) if center_map is not None else None
+            if center_map is not None and c is None:  # as estimate(): the balls must be the same
+                raise ValueError(f"smoothness.measure: around has no entry for parameter {n!r} (its "
+                                 f"keys are the model's named_parameters())")
             center[n] = torch.zeros_like(p.detach()) if c is None else c.detach().to(p.dtype).clone()
     net = _without_running_stats(root)
     _load_forward_ad()

@@ -310,11 +310,24 @@ def avg_pool(module: nn.AvgPool2d, shapes: Shapes) -> tuple[Piece, ...]:
                                          f"L_avg = 0"),)
 
 
+def _column_sum(n: int, o: int) -> float:
+    """``max_j sum_{i: j in w_i} 1/|w_i|`` for adaptive windows of ``n`` entries into ``o`` outputs."""
+    sums = [0.0] * n
+    for i in range(o):
+        lo, hi = (i * n) // o, -((-(i + 1) * n) // o)
+        for j in range(lo, hi):
+            sums[j] += 1.0 / (hi - lo)
+    return max(sums)
+
+
 @register(*_ADAPTIVE_AVG)
 def adaptive_avg_pool(module: nn.AdaptiveAvgPool2d, shapes: Shapes) -> tuple[Piece, ...]:
-    """Adaptive average pooling: windows ``[floor(i n/o), ceil((i+1) n/o))`` overlap (by one entry)
-    only where ``o`` does not divide ``n``; as :func:`avg_pool`, ``l = sqrt(c)``, ``L = 0``."""
-    c = math.prod(1 if i % o == 0 else 2 for i, o in zip(shapes.input[1:], shapes.output[1:], strict=True))
+    """Adaptive average pooling with windows ``w_i = [floor(i n/o), ceil((i+1) n/o))`` per spatial
+    dimension: the averaging matrix has row sums 1 and column sums ``s_j = sum_{w_i ni j} 1/|w_i|``,
+    so ``l <= sqrt(||A||_1 ||A||_inf) = sqrt(prod_dims max_j s_j)`` (separable), ``L = 0``. Exact
+    for the identity (``o = n``); it covers an output larger than the input (one entry in up to
+    ``o`` windows), which a fixed overlap count would not."""
+    c = math.prod(_column_sum(n, o) for n, o in zip(shapes.input[1:], shapes.output[1:], strict=True))
     lip = math.sqrt(c)
     return (Map(INF, lip, 0.0, 0.0, lip, "003 App. B.6 (adaptive): l = sqrt(c), L = 0"),)
 
