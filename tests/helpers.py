@@ -248,3 +248,25 @@ def assert_rel_close(actual: Tensor, expected: Tensor, rtol: float = 1e-10, what
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     err = rel_err(actual, expected)
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+
+
+class NewtonSolver:
+    """A reference inner solver with the ``solve(fun, z0, start, scale)`` interface: 30 full Newton
+    steps with the exact Hessian (dense: small problems only), the converged answer tests compare to."""
+
+    def solve(self, fun, z0, start=None, scale=None):
+        def split(v):
+            parts, i = [], 0
+            for t in z0:
+                parts.append(v[i:i + t.numel()].reshape(t.shape))
+                i += t.numel()
+            return parts
+
+        def f(v):
+            return fun(split(v)).sum()
+
+        flat = torch.cat([t.reshape(-1) for t in z0])
+        for _ in range(30):
+            g = torch.autograd.functional.jacobian(f, flat)
+            flat = flat - torch.linalg.solve(torch.autograd.functional.hessian(f, flat), g)
+        return split(flat), mg.SolveInfo("newton", 30, 0.0, True)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import moreaugrad as mg
+from helpers import NewtonSolver
 
 STEPS = [1.0, 1e-3, 1e-5]
 
@@ -117,28 +118,6 @@ def test_float32_equals_float64(model, preset, step):
 # --- relative stopping tests ---------------------------------------------------------------------
 
 
-class Newton:
-    """A reference inner solver: full Newton steps with the exact Hessian (small problems only)."""
-
-    def solve(self, fun, z0, start=None, scale=None):
-        def split(v):
-            parts, i = [], 0
-            for t in z0:
-                parts.append(v[i:i + t.numel()].reshape(t.shape))
-                i += t.numel()
-            return parts
-
-        def f(v):
-            return fun(split(v)).sum()
-
-        flat = torch.cat([t.reshape(-1) for t in z0])
-        for _ in range(30):
-            g = torch.autograd.functional.jacobian(f, flat)
-            H = torch.autograd.functional.hessian(f, flat)
-            flat = flat - torch.linalg.solve(H, g)
-        return split(flat), mg.SolveInfo("newton", 30, 0.0, True)
-
-
 def test_pendulum_geometric_has_no_zero_direction():
     """000 Sec. 4 schedule gamma_s = 0.5^(tau - s + 1): the early stages' problems are ~1e-15 in size.
     An absolute stopping test returned their starting point (a zero direction, reported converged);
@@ -154,7 +133,7 @@ def test_pendulum_geometric_has_no_zero_direction():
         return result.directions, result.info
 
     got, info = run(mg.solvers.LBFGS(tol=1e-12, max_iter=200))
-    want, _ = run(Newton())
+    want, _ = run(NewtonSolver())
     d = torch.stack([g["w"] for g in got]).reshape(-1)
     ref = torch.stack([g["w"] for g in want]).reshape(-1)
     assert (ref != 0).all() and (d != 0).all()
@@ -204,7 +183,7 @@ def test_regularizer_inside_the_weight_problem(preset):
             val = val + sum(zi.pow(2).sum() for zi in z) / (2 * alpha) + sum(reg(vi) for vi in v)
             return val.reshape(1)
 
-        z, _ = Newton().solve(problem, [torch.zeros_like(wi) for wi in w])
+        z, _ = NewtonSolver().solve(problem, [torch.zeros_like(wi) for wi in w])
         for n, zi in zip(names, z, strict=True):
             want = -zi / alpha
             err = float((got[n] - want).abs().max() / want.abs().max())

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import moreaugrad as mg
-from helpers import DTYPE, assert_rel_close, make, plain_loss
+from helpers import DTYPE, NewtonSolver, assert_rel_close, make, plain_loss
 from moreaugrad.chain import plain
 from moreaugrad.rules import lookup
 from moreaugrad.sweep import record
@@ -427,27 +427,6 @@ def test_non_finite_error_is_one_class():
 
 
 # --- parametrized modules against converged generic solves (float64) ---------------------------
-
-
-class NewtonSolver:
-    """Full Newton steps with the exact Hessian: the converged reference for small problems."""
-
-    def solve(self, fun, z0, start=None, scale=None):
-        def split(v):
-            parts, i = [], 0
-            for t in z0:
-                parts.append(v[i:i + t.numel()].reshape(t.shape))
-                i += t.numel()
-            return parts
-
-        def f(v):
-            return fun(split(v)).sum()
-
-        flat = torch.cat([t.reshape(-1) for t in z0])
-        for _ in range(30):
-            g = torch.autograd.functional.jacobian(f, flat)
-            flat = flat - torch.linalg.solve(torch.autograd.functional.hessian(f, flat), g)
-        return split(flat), mg.SolveInfo("newton", 30, 0.0, True)
 
 
 PARAMETRIZED = {
