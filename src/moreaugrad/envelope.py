@@ -60,8 +60,21 @@ def newton_1d(grad: Callable[[Tensor], Tensor], hess: Callable[[Tensor], Tensor]
     return y, it, res, bool((g.abs() <= tol).all())
 
 
+class Increment:
+    """The one signature of the elementwise primitives: ``increment(x, c) -> (y, SolveInfo)``, and
+    ``prox`` from it."""
+
+    def increment(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+        raise NotImplementedError
+
+    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
+        """``u = x + y = argmin_u c sigma(u) + (u - x)^2/2``."""
+        y, info = self.increment(x, c)
+        return x + y, info
+
+
 @dataclass(frozen=True)
-class PiecewiseLinear:
+class PiecewiseLinear(Increment):
     """A continuous piecewise-linear ``sigma`` with ``knots`` ``k_1 < ... < k_m`` and ``slopes``
     ``s_0..s_m`` on ``(-inf, k_1], ..., [k_m, inf)``.
 
@@ -93,14 +106,9 @@ class PiecewiseLinear:
                 best_y, best_v = torch.where(better, y, best_y), torch.where(better, v, best_v)
         return best_y, SolveInfo("closed form: piecewise linear")
 
-    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
-        """``u = x + y = argmin_u c sigma(u) + (u - x)^2/2``."""
-        y, info = self.increment(x, c)
-        return x + y, info
-
 
 @dataclass(frozen=True)
-class Smooth:
+class Smooth(Increment):
     """A smooth monotone ``sigma`` with derivatives ``d1``, ``d2`` and bounds ``lo <= sigma'' <= hi``
     and ``0 <= sigma' <= slope``.
 
@@ -133,11 +141,6 @@ class Smooth:
         if not ok and not message:
             message = CAP
         return y, SolveInfo("closed form: 1-D safeguarded Newton", it, res, ok and not n_bad, message)
-
-    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
-        """``u = x + y = argmin_u c sigma(u) + (u - x)^2/2``."""
-        y, info = self.increment(x, c)
-        return x + y, info
 
 
 def _sigmoid_d1(u: Tensor) -> Tensor:
@@ -177,7 +180,7 @@ SILU = Smooth(F.silu, _silu_d1, _silu_d2, -0.1, 0.5, 1.1)
 
 
 @dataclass(frozen=True)
-class SmoothThenIdentity:
+class SmoothThenIdentity(Increment):
     """``sigma(u) = s(u)`` for ``u <= knot`` and ``sigma(u) = u`` above: torch's softplus past its
     ``threshold`` (``knot = threshold / beta``), ELU right of 0 (``knot = 0``).
 
@@ -204,11 +207,6 @@ class SmoothThenIdentity:
         y = torch.where(diff > 0, y_right, y_left)
         return y, SolveInfo(f"{info.method} and linear piece", info.iterations, info.residual,
                             info.converged, info.message)
-
-    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
-        """``u = x + y = argmin_u c sigma(u) + (u - x)^2/2``."""
-        y, info = self.increment(x, c)
-        return x + y, info
 
 
 def softplus(beta: float, threshold: float) -> SmoothThenIdentity | Smooth:
@@ -249,7 +247,7 @@ def elu(alpha: float) -> SmoothThenIdentity:
 
 
 @dataclass(frozen=True)
-class ReLUProx:
+class ReLUProx(Increment):
     """``sigma = max(., 0)`` in four elementwise passes (the hot path of MLPs):
     ``x - u = min(max(x, 0), c)`` for ``c >= 0`` (soft threshold), and for ``c < 0`` the better of
     the two local minima, ``x - u = c`` if ``x > c/2`` else ``0``. Same result as the generic
@@ -262,11 +260,6 @@ class ReLUProx:
     def increment(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
         env = torch.where(c >= 0, torch.minimum(x.clamp_min(0), c), torch.where(x > c / 2, c, 0.0))
         return -env, SolveInfo("closed form: piecewise linear")
-
-    def prox(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
-        """``u = x + y = argmin_u c sigma(u) + (u - x)^2/2``."""
-        y, info = self.increment(x, c)
-        return x + y, info
 
 
 RELU = ReLUProx()

@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .chain import plain
 from .checks import check_count
-from .solvers import gdot, gscale, tolerance
+from .solvers import gdot, gscale, tolerance, unit_of
 from .types import SolveInfo, Weights
 
 
@@ -128,11 +128,10 @@ def cg(apply: Any, b: list[Tensor], steps: int, groups: int, tol: float = 0.0,
     non-positive ``<p, M p>`` (``M`` not positive definite) stops the solve and is reported.
     """
     gdot_ = dot if dot is not None else (lambda u, v: gdot(u, v, groups))
-    # CG is linear in b: run it on b scaled to unit size per group, so that <r, r> of a tiny right-
-    # hand side (a signal decayed over many stages) does not underflow to 0 in float32.
-    unit = torch.stack([t.detach().abs().amax() for t in b]).amax() if b else None
-    if unit is not None and 0 < float(unit) and not (2 ** -20 < float(unit) < 2 ** 20):
-        unit = torch.exp2(torch.floor(torch.log2(unit)))  # a power of 2: the scaling is exact
+    # CG is linear in b: run it on b in one unit for all groups (a power of 2, so exactly), so
+    # that <r, r> of a tiny right-hand side does not underflow to 0 in float32.
+    unit = unit_of(b)
+    if unit != 1.0:
         x, info = cg(apply, [t / unit for t in b], steps, groups, tol, dot)
         return [xi * unit for xi in x], info
     x = [torch.zeros_like(t) for t in b]

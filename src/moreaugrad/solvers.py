@@ -20,6 +20,7 @@ curvature ``<s, grad F(z + s) - grad F(z)>`` along a step), and says so in ``Sol
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -61,6 +62,16 @@ def tolerance(tol: float, scale: Tensor) -> Tensor:
     if tol == 0:
         return torch.zeros_like(scale)
     return max(tol, RTOL_FLOOR * torch.finfo(scale.dtype).eps) * scale
+
+
+def unit_of(tensors: Sequence[Tensor]) -> float:
+    """A power of 2 near the largest ``|entry|`` when that is outside ``[2^-20, 2^20]``, else 1: a
+    unit to compute a linear (or homogeneous) problem in, exactly, so that squares of a tiny signal
+    (one decayed over many stages) do not underflow in float32."""
+    m = max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+    if m == 0 or not math.isfinite(m) or 2.0 ** -20 < m < 2.0 ** 20:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(m))
 
 
 def rounding_slack(f: Tensor) -> Tensor:

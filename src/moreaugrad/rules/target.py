@@ -38,7 +38,7 @@ from .. import envelope
 from ..checks import check_positive
 from ..losses import L2
 from ..lstsq import CG, Exact, Method, solve_state, solve_weight
-from ..solvers import LBFGS, gdot
+from ..solvers import LBFGS, gdot, unit_of
 from ..types import Dual, Signal, SolveInfo, StateUpdate, Target, WeightUpdate
 from .grad import Grad, objective_value, regularized
 from .moreau import LINEAR, Moreau
@@ -278,7 +278,7 @@ def augmented_piecewise_state(rule: Augmented, site: Any, signal: Signal) -> Sta
     c = rule.c_state
     # Everything below is computed in units of `unit` (a power of 2, so exactly): a residual that
     # has decayed over many stages would otherwise underflow when squared in float32.
-    unit = _unit(r)
+    unit = unit_of([r])
     r = r / unit
     edges = [-INF, *pw.knots, INF]
     reach = None if rule.proximal else _reachable(x, edges, pw.slopes)
@@ -334,14 +334,6 @@ def _reachable(x: Tensor, edges: list[float], slopes: Sequence[float]) -> list[T
                 mask = mask | held
         reach.append(mask)
     return reach
-
-
-def _unit(r: Tensor) -> float:
-    """A power of 2 near ``max |r|`` when that is far from 1 (else 1): a scale to compute in."""
-    m = float(r.detach().abs().max()) if r.numel() else 0.0
-    if m == 0 or not math.isfinite(m) or 2.0 ** -20 < m < 2.0 ** 20:
-        return 1.0
-    return 2.0 ** math.floor(math.log2(m))
 
 
 CLIP = 1e-6  # how far inside an activation's open range an unreachable target is clipped
