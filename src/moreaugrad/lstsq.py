@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .chain import plain
 from .checks import check_count
-from .solvers import gdot, gscale, tolerance, unit_of
+from .solvers import axpy, gdot, tolerance, unit_of
 from .types import SolveInfo, Weights
 
 
@@ -60,9 +60,18 @@ class Exact:
 @dataclass(frozen=True)
 class CG:
     """``steps`` matrix-free conjugate-gradient iterations from 0 (004 Sec. 5.1 uses 1, 3 or 5).
-    Every iterate is a descent direction (004 Prop. 5)."""
+    Every iterate is a descent direction (004 Prop. 5).
+
+    ``per_output=True`` runs one CG per output unit of a ``Linear`` layer (per output channel of a
+    ``Conv2d``), each with its own step sizes, as the authors' code does: the weight problem
+    ``V (kappa A~^T A~ + c I) = R^T A~`` separates over the rows of ``V``, so this is block CG on
+    the block-diagonal system, at the same cost per step. It reaches the same solution as the
+    single CG as ``steps`` grows, by a different path. Other stages (no row form) run one CG for
+    all their weights, and their solve report says so.
+    """
 
     steps: int = 3
+    per_output: bool = False
 
     def __post_init__(self) -> None:
         check_count("CG", "steps", self.steps)
@@ -119,44 +128,49 @@ def _jvp_by_two_vjps(fn: Any, primals: tuple[Tensor, ...],
 
 
 def cg(apply: Any, b: list[Tensor], steps: int, groups: int, tol: float = 0.0,
-       dot: Any = None) -> tuple[list[Tensor], SolveInfo]:
+       metric: Any = None) -> tuple[list[Tensor], SolveInfo]:
     """Conjugate gradient for ``M x = b`` from ``x = 0``, per group; ``M`` must be SPD.
 
     With ``tol > 0`` it stops when every group's residual is below ``tolerance(tol, ||b_g||)``
     (relative to the right-hand side); with ``tol = 0`` it runs ``steps`` steps (``CG(k)``).
-    ``dot`` is the inner product of the coordinates (default: the Euclidean one per group). A
-    non-positive ``<p, M p>`` (``M`` not positive definite) stops the solve and is reported.
+    ``metric``, when given, is a linear map ``P`` (SPD, commuting with ``M``) that makes the inner
+    product ``<P u, v>``: CG applies ``P`` once per step, to the residual, keeps ``P p`` by
+    recurrence and calls ``apply(p, P p)``, so an operator that is a polynomial in ``P`` costs
+    nothing more. A non-positive ``<p, M p>`` (``M`` not positive definite) stops the solve and is reported.
     """
-    gdot_ = dot if dot is not None else (lambda u, v: gdot(u, v, groups))
     # CG is linear in b: run it on b in one unit for all groups (a power of 2, so exactly), so
     # that <r, r> of a tiny right-hand side does not underflow to 0 in float32.
     unit = unit_of(b)
     if unit != 1.0:
-        x, info = cg(apply, [t / unit for t in b], steps, groups, tol, dot)
+        x, info = cg(apply, [t / unit for t in b], steps, groups, tol, metric)
         return [xi * unit for xi in x], info
     x = [torch.zeros_like(t) for t in b]
     r = list(b)
-    p = list(b)
-    rr = gdot_(r, r)
+    p = r
+    Pr = r if metric is None else metric(r)
+    Pp = Pr
+    rr = gdot(Pr, r, groups)
     bound = tolerance(tol, rr.sqrt())
     it, message = 0, ""
     for it in range(1, steps + 1):  # noqa: B007 - reported
-        Ap = apply(p)
-        pAp = gdot_(p, Ap)
+        Ap = apply(p) if metric is None else apply(p, Pp)
+        pAp = gdot(Pp, Ap, groups)
         live = rr > 0
         if bool((live & (pAp <= 0)).any()):
             message = "operator not positive definite"
             it -= 1
             break
         a = torch.where(live, rr / pAp.where(live, torch.ones_like(pAp)), 0.0)
-        x = [xi + gscale(a, pi, groups) * pi for xi, pi in zip(x, p, strict=True)]
-        r = [ri - gscale(a, qi, groups) * qi for ri, qi in zip(r, Ap, strict=True)]
-        rr_new = gdot_(r, r)
+        x = axpy(x, a, p, groups)
+        r = axpy(r, -a, Ap, groups)
+        Pr = r if metric is None else metric(r)
+        rr_new = gdot(Pr, r, groups)
         if bool((rr_new.sqrt() <= bound).all()):
             rr = rr_new
             break
         beta = torch.where(live, rr_new / rr.where(live, torch.ones_like(rr)), 0.0)
-        p = [ri + gscale(beta, pi, groups) * pi for ri, pi in zip(r, p, strict=True)]
+        p = axpy(r, beta, p, groups)
+        Pp = p if metric is None else axpy(Pr, beta, Pp, groups)
         rr = rr_new
     res = float(rr.max().sqrt()) if rr.numel() else 0.0
     ok = not message and bool((rr.sqrt() <= bound).all())
@@ -170,22 +184,77 @@ def cg(apply: Any, b: list[Tensor], steps: int, groups: int, tol: float = 0.0,
 @dataclass(frozen=True)
 class _Rows:
     """A stage linear in ``w`` written as rows: ``phi(w, x)`` reshaped to ``(N, out)`` equals
-    ``A~ W~^T`` with ``A~ = [a, 1]`` (``N x in~``) and ``W~ = [W, b]`` (``out x in~``)."""
+    ``A~ W~^T`` with ``A~ = [a, 1]`` (``N x k~``) and ``W~ = [W, b]`` (``out x k~``).
 
-    a: Tensor
+    ``A~`` itself is formed only for plain least squares' pseudo-inverse: every other product is
+    taken on the layer input ``x`` with the bias column written analytically, e.g. the Gram matrix
+    ``A~^T A~ = [[a^T a, a^T 1], [1^T a, N]]`` of 004 eq. 44. A convolution keeps its unfolded
+    patches as ``x`` of shape ``(B, C k k, L)`` and contracts them one sample at a time (a batched
+    matmul), so the ``N x k`` patch matrix is never transposed or copied.
+    """
+
+    x: Tensor
     out_shape: torch.Size
     weight_shape: torch.Size
     bias: bool
     conv: bool
 
+    @property
+    def n(self) -> int:
+        """``N``, the number of rows (samples, times positions for a convolution)."""
+        return self.x.shape[0] * self.x.shape[2] if self.conv else self.x.shape[0]
+
+    @property
+    def k(self) -> int:
+        """``k~``, the number of columns (inputs, plus one for the bias)."""
+        return self.x.shape[1] + self.bias
+
     def rows(self, r: Tensor) -> Tensor:
-        """A tensor shaped like ``x_t`` as ``(N, out)`` rows, in the order of ``a``."""
+        """A tensor shaped like ``x_t`` as ``(N, out)`` rows, in the order of ``A~``."""
         if self.conv:  # (B, C, H, W) -> (B * H * W, C)
             return r.flatten(2).transpose(1, 2).reshape(-1, r.shape[1])
         return r.reshape(-1, r.shape[-1])
 
+    def matrix(self) -> Tensor:
+        """``A~`` (``N x k~``), formed."""
+        a = self.x.transpose(1, 2).reshape(-1, self.x.shape[1]) if self.conv else self.x
+        return torch.cat([a, torch.ones_like(a[:, :1])], 1) if self.bias else a
+
+    def gram(self) -> Tensor:
+        """``A~^T A~`` (``k~ x k~``)."""
+        x = self.x
+        g = torch.bmm(x, x.transpose(1, 2)).sum(0) if self.conv else x.T @ x
+        return self._bordered(g, x.sum((0, 2)) if self.conv else x.sum(0), self.n) if self.bias else g
+
+    def outer(self) -> Tensor:
+        """``A~ A~^T = a a^T + 1 1^T`` (``N x N``), for a ``Linear`` layer."""
+        return torch.addmm(self.x.new_ones(()).expand(self.n, self.n), self.x, self.x.T) if self.bias \
+            else self.x @ self.x.T
+
+    def times(self, z: Tensor) -> Tensor:
+        """``Z A~`` (``out x k~``) for coefficients ``Z`` (``out x N``) of a ``Linear`` layer."""
+        za = z @ self.x
+        return torch.cat([za, z.sum(1, keepdim=True)], 1) if self.bias else za
+
+    def rta(self, r: Tensor) -> Tensor:
+        """``R^T A~`` (``out x k~``) for ``r`` shaped like ``x_t``: the weight gradient of ``<r, phi>``."""
+        if self.conv:
+            r3 = r.flatten(2)  # (B, out, L)
+            g, s = torch.bmm(r3, self.x.transpose(1, 2)).sum(0), r3.sum((0, 2))
+        else:
+            R = r.reshape(-1, r.shape[-1])
+            g, s = R.T @ self.x, R.sum(0)
+        return torch.cat([g, s[:, None]], 1) if self.bias else g
+
+    @staticmethod
+    def _bordered(g: Tensor, s: Tensor, n: int) -> Tensor:
+        k = g.shape[0]
+        out = g.new_empty(k + 1, k + 1)
+        out[:k, :k], out[:k, k], out[k, :k], out[k, k] = g, s, s, n
+        return out
+
     def stack(self, w: Weights) -> Tensor:
-        """``W~ = [W, b]`` (``out x in~``) from the stage's weights, the inverse of :meth:`weights`."""
+        """``W~ = [W, b]`` (``out x k~``) from the stage's weights, the inverse of :meth:`weights`."""
         W = w["weight"].reshape(self.weight_shape[0], -1)
         return torch.cat([W, w["bias"][:, None]], 1) if self.bias else W
 
@@ -204,33 +273,29 @@ def _rows(site: Any) -> _Rows | None:
         return None
     x = site.x_prev.detach()
     if isinstance(m, nn.Linear):
-        a, conv = x.reshape(-1, m.in_features), False
+        x, conv = x.reshape(-1, m.in_features), False
     elif (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
           and isinstance(m.padding, tuple)):
-        cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, C k k, L)
-        a, conv = cols.transpose(1, 2).reshape(-1, cols.shape[1]), True
+        x, conv = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride), True  # (B, C k k, L)
     else:
         return None
-    if m.bias is not None:
-        a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-    return _Rows(a, site.x.shape, m.weight.shape, m.bias is not None, conv)
+    return _Rows(x, site.x.shape, m.weight.shape, m.bias is not None, conv)
 
 
-def _ridge_rows(R: Tensor, a: Tensor, kappa: float, c: float, extra: Tensor | None = None,
+def _ridge_rows(rows: _Rows, r: Tensor, kappa: float, c: float, extra: Tensor | None = None,
                 rcond: float = 0.0) -> Tensor:
-    """``(R^T a + extra) (kappa a^T a + c I)^{-1}`` for rows ``R`` (``N x out``): one symmetric
-    solve of size ``in~`` (004 eq. 44), or of size ``N`` when the batch is the smaller side and
-    there is no ``extra``, by the push-through identity
-    ``a (kappa a^T a + c I)^{-1} = (kappa a a^T + c I)^{-1} a``."""
-    n, k = a.shape
-    if c == 0 and extra is None:  # truncated least squares: pinv(a), not pinv(a^T a) (cond^2)
-        return (torch.linalg.pinv(a, rtol=rcond) @ R).T / kappa
-    if c > 0 and n < k and extra is None:
-        small = kappa * (a @ a.T) + c * torch.eye(n, dtype=a.dtype, device=a.device)
-        return _sym_solve(small, R, c).T @ a
-    K = kappa * (a.T @ a) + c * torch.eye(k, dtype=a.dtype, device=a.device)
-    rhs = R.T @ a if extra is None else R.T @ a + extra
-    return _sym_solve(K, rhs.T, c).T
+    """``(R^T A~ + extra) (kappa A~^T A~ + c I)^{-1}`` for the rows ``R`` of ``r``: one symmetric
+    solve of size ``k~`` (004 eq. 44), or of size ``N`` when the batch is the smaller side of a
+    ``Linear`` layer and there is no ``extra``, by the push-through identity
+    ``A~ (kappa A~^T A~ + c I)^{-1} = (kappa A~ A~^T + c I)^{-1} A~``."""
+    n, k = rows.n, rows.k
+    if c == 0 and extra is None:  # truncated least squares: pinv(A~), not pinv(A~^T A~) (cond^2)
+        return (torch.linalg.pinv(rows.matrix(), rtol=rcond) @ rows.rows(r)).T / kappa
+    eye = functools.partial(torch.eye, dtype=rows.x.dtype, device=rows.x.device)
+    if c > 0 and n < k and extra is None and not rows.conv:
+        return rows.times(_sym_solve(kappa * rows.outer() + c * eye(n), rows.rows(r), c).T)
+    rhs = rows.rta(r) if extra is None else rows.rta(r) + extra
+    return _sym_solve(kappa * rows.gram() + c * eye(k), rhs.T, c).T
 
 
 def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
@@ -242,24 +307,28 @@ def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
     return torch.linalg.pinv(K, hermitian=True) @ B
 
 
-def _cg_rows(R: Tensor, a: Tensor, kappa: float, c: float, steps: int,
-             tol: float, extra: Tensor | None = None) -> tuple[Tensor, SolveInfo]:
-    """CG on ``V (kappa a^T a + c I) = R^T a + extra`` over weights ``V`` of shape ``(out, in~)``.
+def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: float,
+             extra: Tensor | None = None, groups: int = 1) -> tuple[Tensor, SolveInfo]:
+    """CG on ``V (kappa A~^T A~ + c I) = R^T A~ + extra`` over weights ``V`` (``out x k~``), one CG
+    for all of ``V`` (``groups = 1``) or one per output row (``groups = out``, :class:`CG`'s
+    ``per_output``).
 
-    Without ``extra`` every iterate lies in the row space of ``a`` (the right-hand side does, and
-    the operator keeps it there), so when the batch ``N`` is below ``in~`` CG runs on coefficients
-    ``Z`` with
-    ``V = Z a``: the operator is ``Z -> kappa Z S + c Z`` and ``<V1, V2> = <Z1 S, Z2>`` with
-    ``S = a a^T`` (``N x N``). Same iterates, steps of ``out N^2`` instead of ``2 out N in~`` flops.
+    The operator is applied through the Gram matrix ``G = A~^T A~`` (``k~ x k~``, formed once), so
+    a step costs ``out k~^2`` flops and no pass over the ``N`` rows. When the batch ``N`` of a
+    ``Linear`` layer is below ``k~`` and there is no ``extra``, every iterate lies in the row space
+    of ``A~`` (the right-hand side does, and the operator keeps it there) and CG runs on
+    coefficients ``Z`` with ``V = Z A~`` instead: the operator is ``Z -> Z (kappa S + c I)`` and the
+    inner product ``<Z1 S, Z2>``, with ``S = A~ A~^T`` (``N x N``). Same iterates, and one
+    ``out x N x N`` product per step (``cg``'s ``metric``).
     """
-    n, k = a.shape
-    if n < k and extra is None:
-        S = a @ a.T
-        (z,), info = cg(lambda v: [kappa * (v[0] @ S) + c * v[0]], [R.T], steps, 1, tol,
-                        dot=lambda u, v: torch.dot((u[0] @ S).reshape(-1), v[0].reshape(-1)).reshape(1))
-        return z @ a, info
-    rhs = R.T @ a if extra is None else R.T @ a + extra
-    (d,), info = cg(lambda v: [kappa * ((a @ v[0].T).T @ a) + c * v[0]], [rhs], steps, 1, tol)
+    if rows.n < rows.k and extra is None and not rows.conv:
+        S = rows.outer()
+        (z,), info = cg(lambda p, pS: [kappa * pS[0] + c * p[0]], [rows.rows(r).T], steps, groups, tol,
+                        metric=lambda v: [v[0] @ S])
+        return rows.times(z), info
+    G = rows.gram()
+    rhs = rows.rta(r) if extra is None else rows.rta(r) + extra
+    (d,), info = cg(lambda v: [kappa * (v[0] @ G) + c * v[0]], [rhs], steps, groups, tol)
     return d, info
 
 
@@ -276,14 +345,14 @@ def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
     s = scale + kappa
     w_now = {n: v.detach() for n, v in site.w.items()}
     if rows is not None:
-        a, R = rows.a, rows.rows(r)
         extra = mu * rows.stack(w_now) if mu else None
-        R = R if s == 1 else s * R
+        r = r if s == 1 else s * r
         if isinstance(method, Exact):
-            d = _ridge_rows(R, a, kappa, c + mu, extra, method.rcond)
+            d = _ridge_rows(rows, r, kappa, c + mu, extra, method.rcond)
             info = SolveInfo("closed form: Gram solve")
         else:
-            d, info = _cg_rows(R, a, kappa, c + mu, steps, tol, extra)
+            groups = rows.weight_shape[0] if method.per_output else 1
+            d, info = _cg_rows(rows, r, kappa, c + mu, steps, tol, extra, groups)
         return rows.weights(-d), info
     names = list(site.w)
     g = jtr if jtr is not None else site.vjp(r)[1]  # J_w^T r, exact on the recorded graph
@@ -299,6 +368,9 @@ def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
 
     rhs = [s * g[n] + mu * wi if mu else s * g[n] for n, wi in zip(names, w, strict=True)]
     x, info = cg(apply, rhs, steps, 1, tol)
+    if isinstance(method, CG) and method.per_output:
+        info = replace(info, method=f"{info.method}, one for all weights (per_output needs a Linear or "
+                                    f"Conv2d row form)")
     return {n: -xi for n, xi in zip(names, x, strict=True)}, info
 
 

@@ -1,0 +1,123 @@
+"""Fast paths equal the plain ones in float64 (issue 16): the Gram and coefficient forms of the
+row solves (004 eq. 44, App. B) against dense algebra written here, per-output CG against one CG per
+row, and the fused vjp segments of the backprop sweep against stage-by-stage vjps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moreaugrad as mg
+from moreaugrad.lstsq import CG, Exact, solve_weight
+from moreaugrad.sweep import record
+
+torch.set_default_dtype(torch.float64)
+
+
+def dense_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``A~ = [a, 1]``, built here from the definition (patches by unfold for a convolution)."""
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        a = x.reshape(-1, x.shape[-1])
+    return torch.cat([a, torch.ones(a.shape[0], 1)], 1) if module.bias is not None else a
+
+
+def dense_cg(M: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+    """Textbook CG on ``M v = b`` (vectors), ``steps`` steps from 0."""
+    v, r = torch.zeros_like(b), b.clone()
+    p, rr = r.clone(), r @ r
+    for _ in range(steps):
+        Mp = M @ p
+        a = rr / (p @ Mp)
+        v, r = v + a * p, r - a * Mp
+        rr, rr_old = r @ r, rr
+        p = r + rr / rr_old * p
+    return v
+
+
+def case(kind: str, batch: int):
+    torch.manual_seed(1)
+    if kind == "linear":
+        m, x = nn.Linear(6, 4), torch.randn(batch, 6)
+    else:
+        m, x = nn.Conv2d(2, 3, 3, padding=1), torch.randn(batch, 2, 5, 5)
+    site = record(mg.Chain(nn.Sequential(m)), x).sites[0]
+    r = torch.randn_like(site.x)
+    return m, x, site, r
+
+
+def as_matrix(m: nn.Module, d: dict) -> torch.Tensor:
+    W = d["weight"].reshape(m.weight.shape[0], -1)
+    return torch.cat([W, d["bias"][:, None]], 1) if "bias" in d else W
+
+
+def rows_of(m: nn.Module, r: torch.Tensor) -> torch.Tensor:
+    return r.flatten(2).transpose(1, 2).reshape(-1, r.shape[1]) if isinstance(m, nn.Conv2d) else r
+
+
+# batch 2 of a Linear(6, 4) has fewer rows than columns (the coefficient form); batch 9 has more.
+CASES = [("linear", 2), ("linear", 9), ("conv", 1), ("conv", 3)]
+
+
+@pytest.mark.parametrize("kind,batch", CASES)
+@pytest.mark.parametrize("steps", [1, 3, 6])
+@pytest.mark.parametrize("per_output", [False, True])
+def test_cg_rows_equal_dense_cg(kind, batch, steps, per_output):
+    """``CG(k)`` and ``CG(k, per_output=True)`` on the rows equal dense CG on ``kappa A~^T A~ + c I``:
+    one CG on all weights (Kronecker form), or one per output row."""
+    m, x, site, r = case(kind, batch)
+    kappa, c, scale = 1.3, 0.7, 0.4
+    A = dense_rows(m, x)
+    M = kappa * A.T @ A + c * torch.eye(A.shape[1])
+    B = (scale + kappa) * rows_of(m, r).T @ A  # (out, k~)
+    if per_output:
+        want = torch.stack([dense_cg(M, b, steps) for b in B])
+    else:
+        big = torch.kron(torch.eye(B.shape[0]), M)
+        want = dense_cg(big, B.reshape(-1), steps).reshape(B.shape)
+    got, info = solve_weight(site, r, scale, kappa, c, CG(steps, per_output=per_output))
+    torch.testing.assert_close(as_matrix(m, got), -want, rtol=1e-10, atol=1e-12)
+    assert info.iterations == steps
+
+
+@pytest.mark.parametrize("kind,batch", CASES)
+@pytest.mark.parametrize("mu", [0.0, 0.3])
+def test_exact_rows_equal_dense_solve(kind, batch, mu):
+    """The Gram closed form (004 eq. 44, with the bias block written analytically) and the
+    push-through form equal the dense solve, also with ``r(v) = mu ||v||^2/2`` inside."""
+    m, x, site, r = case(kind, batch)
+    kappa, c, scale = 1.3, 0.7, 0.4
+    A = dense_rows(m, x)
+    W = as_matrix(m, dict(m.named_parameters())).detach()
+    B = (scale + kappa) * rows_of(m, r).T @ A + mu * W
+    want = torch.linalg.solve(kappa * A.T @ A + (c + mu) * torch.eye(A.shape[1]), B.T).T
+    got, _ = solve_weight(site, r, scale, kappa, c, Exact(), mu=mu)
+    torch.testing.assert_close(as_matrix(m, got), -want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,batch", CASES)
+def test_per_output_cg_tends_to_exact(kind, batch):
+    """Per-output CG solves the same system: its error falls with ``k`` and, a few sweeps past
+    ``k = k~`` (where exact arithmetic would end), it equals the exact solve."""
+    m, x, site, r = case(kind, batch)
+    exact, _ = solve_weight(site, r, 0.0, 1.0, 0.5, Exact())
+    k = dense_rows(m, x).shape[1]
+    errs = []
+    for steps in (1, 2, 3 * k):
+        got, _ = solve_weight(site, r, 0.0, 1.0, 0.5, CG(steps, per_output=True))
+        errs.append(float((as_matrix(m, got) - as_matrix(m, exact)).abs().max()))
+    assert errs[-1] < 1e-10 * float(as_matrix(m, exact).abs().max())
+    assert errs[0] > errs[1] and errs[0] > errs[-1]
+
+
+def test_per_output_on_a_stage_without_rows_is_reported():
+    """A stage with no row form runs one CG for all weights, and its report says so."""
+    chain = mg.Chain(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)))
+    rule = mg.rules.proxprop(method=CG(3, per_output=True))
+    result = mg.Oracle(chain, mg.losses.CrossEntropy(), rule)(torch.randn(5, 4), torch.arange(5) % 3)
+    assert "per_output needs a Linear or Conv2d" in result.info[1].weight.method
+    assert "per_output" not in result.info[0].weight.method
