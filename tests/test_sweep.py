@@ -145,7 +145,9 @@ def test_inplace_relu_keeps_recorded_input():
 
 
 def test_backprop_costs_one_vjp_per_stage(monkeypatch):
-    """One autograd call for the objective and one per stage: the state and weight lines share it."""
+    """One autograd call for the objective and one for all the stages, as ``loss.backward()``: the
+    state and weight lines share a stage's vjp, and consecutive plain-vjp stages share one call
+    (``sweep.fused_vjp``); a rule given per stage is not fused, and takes one call per stage."""
     case = make("mlp")
     oracle = mg.Oracle(mg.Chain(case.model), case.objective)
     calls = []
@@ -157,6 +159,12 @@ def test_backprop_costs_one_vjp_per_stage(monkeypatch):
 
     monkeypatch.setattr(torch.autograd, "grad", counting)
     oracle.backward(case.x, case.y)
+    assert len(calls) == 1 + 1
+    calls.clear()
+    tau = len(oracle.chain)
+    line = mg.rules.Grad()
+    per_stage = mg.rules.Rule(objective=line, state=[line] * tau, weight=[line] * tau)
+    mg.Oracle(mg.Chain(case.model), case.objective, per_stage).backward(case.x, case.y)
     # Stage 1 (weights only), stages 2..5 (state, and weights on the Linear stages): 5 vjps.
     assert len(calls) == 1 + 5
 

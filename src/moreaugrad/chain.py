@@ -199,8 +199,13 @@ class Stage:
         leaves it.
         """
         for s in self.slots:
-            if s.name in direction:
-                s.grad_view().add_(direction[s.name])
+            if s.name not in direction:
+                continue
+            d = direction[s.name]
+            if s.param.grad is None and s.index is None and d.shape == s.param.shape:
+                s.param.grad = d.detach().clone()  # one pass, not zeros and an add (nor an alias)
+            else:
+                s.grad_view().add_(d)
 
     @torch.no_grad()
     def update(self, direction: Weights, step: float) -> None:

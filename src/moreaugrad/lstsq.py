@@ -186,28 +186,39 @@ class _Rows:
     """A stage linear in ``w`` written as rows: ``phi(w, x)`` reshaped to ``(N, out)`` equals
     ``A~ W~^T`` with ``A~ = [a, 1]`` (``N x k~``) and ``W~ = [W, b]`` (``out x k~``).
 
-    ``A~`` itself is formed only for plain least squares' pseudo-inverse: every other product is
-    taken on the layer input ``x`` with the bias column written analytically, e.g. the Gram matrix
-    ``A~^T A~ = [[a^T a, a^T 1], [1^T a, N]]`` of 004 eq. 44. A convolution keeps its unfolded
-    patches as ``x`` of shape ``(B, C k k, L)`` and contracts them one sample at a time (a batched
-    matmul), so the ``N x k`` patch matrix is never transposed or copied.
+    ``A~`` itself is formed only for plain least squares' pseudo-inverse. ``A~ V^T`` is the layer
+    with weights ``V`` and ``R^T A~`` is its weight gradient, taken by the layer's own kernels (for
+    a convolution: ``conv2d`` and ``convolution_backward``, with no unfolded patches); the Gram
+    matrix ``A~^T A~ = [[a^T a, a^T 1], [1^T a, N]]`` of 004 eq. 44 is formed with the bias block
+    written analytically, from the unfolded patches ``(B, C k k, L)`` contracted one sample at a
+    time for a convolution.
     """
 
-    x: Tensor
+    x: Tensor  # the layer input x_{t-1}: (N, in) for Linear, (B, C, H, W) for Conv2d
+    module: nn.Linear | nn.Conv2d
     out_shape: torch.Size
-    weight_shape: torch.Size
-    bias: bool
-    conv: bool
+
+    @property
+    def conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
+
+    @property
+    def bias(self) -> bool:
+        return self.module.bias is not None
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.module.weight.shape
 
     @property
     def n(self) -> int:
-        """``N``, the number of rows (samples, times positions for a convolution)."""
-        return self.x.shape[0] * self.x.shape[2] if self.conv else self.x.shape[0]
+        """``N``, the number of rows (samples, times output positions for a convolution)."""
+        return self.out_shape[0] * self.out_shape[2:].numel() if self.conv else self.x.shape[0]
 
     @property
     def k(self) -> int:
         """``k~``, the number of columns (inputs, plus one for the bias)."""
-        return self.x.shape[1] + self.bias
+        return self.weight_shape[1:].numel() + self.bias
 
     def rows(self, r: Tensor) -> Tensor:
         """A tensor shaped like ``x_t`` as ``(N, out)`` rows, in the order of ``A~``."""
@@ -215,43 +226,61 @@ class _Rows:
             return r.flatten(2).transpose(1, 2).reshape(-1, r.shape[1])
         return r.reshape(-1, r.shape[-1])
 
+    @functools.cached_property
+    def patches(self) -> Tensor:
+        """A convolution's unfolded input, ``(B, C k k, L)``."""
+        m = self.module
+        return F.unfold(self.x, m.kernel_size, m.dilation, m.padding, m.stride)
+
     def matrix(self) -> Tensor:
         """``A~`` (``N x k~``), formed."""
-        a = self.x.transpose(1, 2).reshape(-1, self.x.shape[1]) if self.conv else self.x
+        a = self.patches.transpose(1, 2).reshape(-1, self.patches.shape[1]) if self.conv else self.x
         return torch.cat([a, torch.ones_like(a[:, :1])], 1) if self.bias else a
 
     def gram(self) -> Tensor:
         """``A~^T A~`` (``k~ x k~``)."""
-        x = self.x
-        g = torch.bmm(x, x.transpose(1, 2)).sum(0) if self.conv else x.T @ x
-        return self._bordered(g, x.sum((0, 2)) if self.conv else x.sum(0), self.n) if self.bias else g
+        if self.conv:
+            p = self.patches
+            g, s = torch.bmm(p, p.transpose(1, 2)).sum(0), p.sum((0, 2))
+        else:
+            g, s = self.x.T @ self.x, self.x.sum(0)
+        if not self.bias:
+            return g
+        k = g.shape[0]
+        out = g.new_empty(k + 1, k + 1)
+        out[:k, :k], out[:k, k], out[k, :k], out[k, k] = g, s, s, self.n
+        return out
+
+    def layer(self, v: Tensor) -> Tensor:
+        """``A~ V^T`` shaped like ``x_t``: the layer with weights ``V`` (``out x k~``)."""
+        w = self.weights(v)
+        if self.conv:
+            m = self.module
+            return F.conv2d(self.x, w["weight"], w.get("bias"), m.stride, m.padding, m.dilation)
+        return F.linear(self.x, w["weight"], w.get("bias"))
+
+    def rta(self, r: Tensor) -> Tensor:
+        """``R^T A~`` (``out x k~``) for ``r`` shaped like ``x_t``: the layer's weight gradient."""
+        if self.conv:
+            m = self.module
+            _, g, s = torch.ops.aten.convolution_backward(
+                r, self.x, m.weight.detach(), [m.weight.shape[0]] if self.bias else None, m.stride,
+                m.padding, m.dilation, False, [0], 1, (False, True, self.bias))
+            g = g.reshape(g.shape[0], -1)
+        else:
+            R = r.reshape(-1, r.shape[-1])
+            g, s = R.T @ self.x, R.sum(0) if self.bias else None
+        return torch.cat([g, s[:, None]], 1) if self.bias else g
 
     def outer(self) -> Tensor:
         """``A~ A~^T = a a^T + 1 1^T`` (``N x N``), for a ``Linear`` layer."""
-        return torch.addmm(self.x.new_ones(()).expand(self.n, self.n), self.x, self.x.T) if self.bias \
-            else self.x @ self.x.T
+        xxT = self.x @ self.x.T
+        return xxT + 1 if self.bias else xxT
 
     def times(self, z: Tensor) -> Tensor:
         """``Z A~`` (``out x k~``) for coefficients ``Z`` (``out x N``) of a ``Linear`` layer."""
         za = z @ self.x
         return torch.cat([za, z.sum(1, keepdim=True)], 1) if self.bias else za
-
-    def rta(self, r: Tensor) -> Tensor:
-        """``R^T A~`` (``out x k~``) for ``r`` shaped like ``x_t``: the weight gradient of ``<r, phi>``."""
-        if self.conv:
-            r3 = r.flatten(2)  # (B, out, L)
-            g, s = torch.bmm(r3, self.x.transpose(1, 2)).sum(0), r3.sum((0, 2))
-        else:
-            R = r.reshape(-1, r.shape[-1])
-            g, s = R.T @ self.x, R.sum(0)
-        return torch.cat([g, s[:, None]], 1) if self.bias else g
-
-    @staticmethod
-    def _bordered(g: Tensor, s: Tensor, n: int) -> Tensor:
-        k = g.shape[0]
-        out = g.new_empty(k + 1, k + 1)
-        out[:k, :k], out[:k, k], out[k, :k], out[k, k] = g, s, s, n
-        return out
 
     def stack(self, w: Weights) -> Tensor:
         """``W~ = [W, b]`` (``out x k~``) from the stage's weights, the inverse of :meth:`weights`."""
@@ -273,13 +302,11 @@ def _rows(site: Any) -> _Rows | None:
         return None
     x = site.x_prev.detach()
     if isinstance(m, nn.Linear):
-        x, conv = x.reshape(-1, m.in_features), False
-    elif (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
-          and isinstance(m.padding, tuple)):
-        x, conv = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride), True  # (B, C k k, L)
-    else:
-        return None
-    return _Rows(x, site.x.shape, m.weight.shape, m.bias is not None, conv)
+        return _Rows(x.reshape(-1, m.in_features), m, site.x.shape)
+    if (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            and isinstance(m.padding, tuple)):
+        return _Rows(x, m, site.x.shape)
+    return None
 
 
 def _ridge_rows(rows: _Rows, r: Tensor, kappa: float, c: float, extra: Tensor | None = None,
@@ -313,8 +340,10 @@ def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: fl
     for all of ``V`` (``groups = 1``) or one per output row (``groups = out``, :class:`CG`'s
     ``per_output``).
 
-    The operator is applied through the Gram matrix ``G = A~^T A~`` (``k~ x k~``, formed once), so
-    a step costs ``out k~^2`` flops and no pass over the ``N`` rows. When the batch ``N`` of a
+    The operator is applied through whichever costs less: the Gram matrix ``G = A~^T A~`` (formed
+    once in ``N k~^2`` flops, then ``out k~^2`` a step), or the layer and its weight gradient
+    (``V -> R(V)^T A~`` with ``R(V) = A~ V^T``, ``2 N k~ out`` a step, by the layer's own kernels);
+    the Gram matrix wins when ``k~ < 2 steps out``. When the batch ``N`` of a
     ``Linear`` layer is below ``k~`` and there is no ``extra``, every iterate lies in the row space
     of ``A~`` (the right-hand side does, and the operator keeps it there) and CG runs on
     coefficients ``Z`` with ``V = Z A~`` instead: the operator is ``Z -> Z (kappa S + c I)`` and the
@@ -326,9 +355,12 @@ def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: fl
         (z,), info = cg(lambda p, pS: [kappa * pS[0] + c * p[0]], [rows.rows(r).T], steps, groups, tol,
                         metric=lambda v: [v[0] @ S])
         return rows.times(z), info
-    G = rows.gram()
     rhs = rows.rta(r) if extra is None else rows.rta(r) + extra
-    (d,), info = cg(lambda v: [kappa * (v[0] @ G) + c * v[0]], [rhs], steps, groups, tol)
+    if rows.k < 2 * steps * rhs.shape[0]:  # the Gram matrix (N k~^2 once) is cheaper than 2 N k~ out a step
+        G = rows.gram()
+        (d,), info = cg(lambda v: [kappa * (v[0] @ G) + c * v[0]], [rhs], steps, groups, tol)
+    else:
+        (d,), info = cg(lambda v: [kappa * rows.rta(rows.layer(v[0])) + c * v[0]], [rhs], steps, groups, tol)
     return d, info
 
 

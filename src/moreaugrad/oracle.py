@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .chain import Chain
 from .losses import Regularizer, check_objective
 from .rules import Rule, backprop
+from .rules.grad import plain_vjp
 from .solvers import CAP
 from .sweep import NonFiniteError, all_finite, record, sweep
 from .types import InexactSolveWarning, Signal, StageInfo, Weights
@@ -77,6 +78,7 @@ class Oracle:
         self._warned_growth = False
         self._warned_inexact = False
         self._checked: tuple | None = None
+        self._connect: tuple[tuple, list[bool]] | None = None
         self.rule = backprop() if rule is None else rule
         if not isinstance(self.rule, Rule):
             raise TypeError(f"Oracle: rule must be a moreaugrad.rules.Rule (e.g. "
@@ -123,6 +125,16 @@ class Oracle:
                         f"but no values); call model.to_empty(device=...) and initialise it (e.g. "
                         f"reset_parameters() or load_state_dict) before using the oracle")
 
+    def _fusable(self) -> list[bool]:
+        """Per stage, whether it and the stage before both take plain vjps, so the sweep fuses
+        them into one autograd call (``sweep.fused_vjp``); kept while the stages are the same."""
+        key = (self.chain.stages, self.rule)
+        if self._connect is None or any(a is not b for a, b in zip(self._connect[0], key, strict=True)):
+            stages = key[0]
+            plain = [plain_vjp(self.rule, s) for s in stages]
+            self._connect = (key, [t > 0 and plain[t] and plain[t - 1] for t in range(len(plain))])
+        return self._connect[1]
+
     def _regularizers(self) -> list[Regularizer | None]:
         tau = len(self.chain)
         if len(self.regularizers) == tau:
@@ -156,7 +168,7 @@ class Oracle:
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext(), \
                 torch.inference_mode(False), torch.enable_grad():
             tape = record(self.chain, x, self._regularizers(), input_signal=x.requires_grad,
-                          compute=compute)
+                          compute=compute, connect=self._fusable())
             out = sweep(tape, self.rule, self.objective, y)
             # Hook: a rule whose step needs a pass after the sweep (the forward roll-out of a
             # second-order step, 003 Algo 4) has finish(tape, result) -> result with its directions.

@@ -48,6 +48,8 @@ class Site:
         regularizer: ``r_t``, or None.
         last_weighted: no later stage has weights (ProxProp keeps this stage explicit, 004 eq. 12).
         rng: the random-number state before the forward pass of a stochastic stage, else None.
+        attached: ``x_prev`` is the previous site's ``x`` itself, not a detached copy: the two
+            stages' graphs are one, so a fused segment takes their vjps in one autograd call.
     """
 
     stage: Stage
@@ -58,6 +60,7 @@ class Site:
     regularizer: Regularizer | None = None
     last_weighted: bool = False
     rng: tuple[Tensor, Tensor | None] | None = None
+    attached: bool = False
     _cache: tuple[Tensor, Any] | None = field(default=None, repr=False)
 
     @property
@@ -89,7 +92,8 @@ class Site:
         reached: set[int] = set()
         # The node objects themselves, not their ids: a node's Python wrapper may be freed and its
         # id reused by another node's wrapper once nothing holds it.
-        seen: set[Any] = set()
+        # An attached x_prev's own graph belongs to the stages before: the walk stops there.
+        seen: set[Any] = set() if self.x_prev.grad_fn is None else {self.x_prev.grad_fn}
         stack = [] if self.x.grad_fn is None else [self.x.grad_fn]
         while stack:
             node = stack.pop()
@@ -163,12 +167,15 @@ class Tape:
 
 
 def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | None = None,
-           input_signal: bool = False, compute: torch.dtype | None = None) -> Tape:
+           input_signal: bool = False, compute: torch.dtype | None = None,
+           connect: list[bool] | None = None) -> Tape:
     """Run the forward pass once, recording each stage's local graph (000 Algo 1, 001 Algo 1).
 
     Buffers (BatchNorm running statistics) are updated here, once, and nowhere else. With
     ``compute`` (float32 for a half-precision model), the forward pass is recorded in that dtype
-    on copies of the weights, so that every rule and inner solve of the sweep runs in it.
+    on copies of the weights, so that every rule and inner solve of the sweep runs in it. Where
+    ``connect[t]`` is true, stage ``t`` takes stage ``t - 1``'s output itself as its input
+    (:attr:`Site.attached`): the sweep may then fuse their vjps (:func:`fused_vjp`).
     """
     if compute is not None and x.is_floating_point():
         x = x.to(compute)
@@ -176,20 +183,54 @@ def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | Non
     tau = len(chain)
     regs = regularizers or [None] * tau
     for t, stage in enumerate(chain.stages):
-        x_prev = x.detach().requires_grad_(t > 0 or input_signal)
+        attached = t > 0 and connect is not None and connect[t] and x.requires_grad
+        x_prev = x if attached else x.detach().requires_grad_(t > 0 or input_signal)
         rng = _get_rng(x_prev.device) if _stochastic(stage.module) else None
         try:
             out, w = stage.record(x_prev)
         except RuntimeError as err:
             raise ValueError(f"stage {t + 1}/{tau} ({stage.module!r}) failed on an input of shape "
                              f"{tuple(x_prev.shape)} and dtype {x_prev.dtype}: {err}") from err
-        sites.append(Site(stage, x_prev, out, w, tau, regs[t], rng=rng))
+        sites.append(Site(stage, x_prev, out, w, tau, regs[t], rng=rng, attached=attached))
         x = out
     weighted_after = False
     for site in reversed(sites):
         site.last_weighted = site.stage.has_weights and not weighted_after
         weighted_after = weighted_after or site.stage.has_weights
     return Tape(sites, x)
+
+
+def fused_vjp(sites: list[Site], lam: Tensor) -> None:
+    """The vjps of consecutive stages (``sites`` top first, each but the last attached to the one
+    below) in one autograd call, as ``loss.backward()`` takes them.
+
+    The call asks for every stage's input and weights at once. Each site's vjp cache is filled
+    with ``(its lambda, (dx, dws))``, where a stage's lambda is the ``dx`` of the stage above: the
+    rules of the sweep then read their vjps from the cache, in the same order and with the same
+    values as stage-by-stage calls (equal to rounding: autograd sums the same terms).
+    """
+    inputs: list[Tensor] = []
+    for s in sites:
+        inputs += ([s.x_prev] if s.needs_state else []) + list(s.w.values())
+    grads = iter(torch.autograd.grad(sites[0].x, inputs, lam, retain_graph=True, allow_unused=True))
+    for s in sites:
+        dx = next(grads) if s.needs_state else None
+        dws = tuple(next(grads) for _ in s.w)
+        s._cache = (lam, (dx, dws))
+        # A weight autograd does not reach is unused (Site.unused), known here without a graph walk.
+        s.__dict__["unused"] = frozenset(n for (n, w), g in zip(s.w.items(), dws, strict=True)
+                                         if g is None and w.grad_fn is None)
+        if dx is None:
+            break
+        lam = dx
+
+
+def _segment(sites: list[Site], top: int) -> list[Site]:
+    """The sites from ``top`` down to the first one not attached to the one below it."""
+    bottom = top
+    while sites[bottom].attached:
+        bottom -= 1
+    return sites[top:bottom - 1 if bottom > 0 else None:-1]
 
 
 def _stochastic(module: nn.Module) -> bool:
@@ -237,6 +278,8 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
     signals = [signal]
     for site in reversed(tape.sites):
         t = site.stage.index
+        if site.attached and site._cache is None:  # the top of a fused segment
+            fused_vjp(_segment(tape.sites, t), signal.dual(site.x.detach()))
         if site.stage.has_weights:
             update = rule.weight_for(site).weight(site, signal)
             # r_t(w_t) uses every weight, so only an unregularised stage has unused ones.

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..checks import check_positive
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
-from .registry import LineRule, register
+from .registry import LineRule, lookup, register
 
 
 def objective_value(h: Any, output: Tensor, target: Any) -> tuple[Tensor, Tensor]:
@@ -68,3 +68,18 @@ def grad_weight(rule: Grad, site: Any, signal: Signal) -> WeightUpdate:
     """``d_t = d_w phi_t^T lambda_t + grad r_t(w_t)``."""
     _, dw = site.vjp(signal.dual(site.x.detach()))
     return WeightUpdate(regularized(site, dw), rule.step, SolveInfo("vjp"))
+
+
+def plain_vjp(rule: Any, stage: Any) -> bool:
+    """Whether ``rule``'s state and weight lines at ``stage`` are :class:`Grad`'s plain vjps, so a
+    run of such stages may share one autograd call (:func:`~moreaugrad.sweep.fused_vjp`)."""
+    for line, spec, fn in (("state", rule.state, grad_state), ("weight", rule.weight, grad_weight)):
+        if not isinstance(spec, LineRule) or any(
+                getattr(type(spec), m) is not getattr(LineRule, m) for m in ("entry", "state", "weight")):
+            return False
+        try:
+            if lookup(spec, line, stage.module) is not fn:
+                return False
+        except NotImplementedError:
+            return False
+    return True
