@@ -221,3 +221,88 @@ def test_newton_does_not_cycle_on_a_steep_sigmoid():
         lambda v: 1 + c * S * torch.sigmoid(z + v) * torch.sigmoid(-(z + v)),
         -c * (S * torch.sigmoid(z) - A), -c * (S - A), c * A, tol, 60)
     assert ok and it <= 15 and res <= float(tol.max()), (it, res)
+
+
+# -- max pooling over tiling windows ----------------------------------------------------------------
+
+
+def _simplex_by_bisection(v: torch.Tensor, c: float) -> torch.Tensor:
+    """``y = -(v - s)_+`` with ``sum (v - s)_+ = c`` found by bisection on ``s`` (a reference)."""
+    lo, hi = float(v.min()) - c, float(v.max())
+    for _ in range(200):
+        s = (lo + hi) / 2
+        lo, hi = (s, hi) if float((v - s).clamp_min(0).sum()) > c else (lo, s)
+    return -(v - (lo + hi) / 2).clamp_min(0)
+
+
+@pytest.mark.parametrize("pool,shape", [(nn.MaxPool2d(2), (2, 3, 5, 7)), (nn.MaxPool2d((2, 3)), (1, 2, 4, 6)),
+                                        (nn.MaxPool1d(3), (2, 2, 10))])
+def test_max_pool_increment_against_references(pool, shape):
+    """Per window: the simplex projection (by bisection) for ``c >= 0``, the raised maximum for
+    ``c < 0``, zero outside every window; and no random nearby point does better."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    x.view(-1)[:4] = 0.25  # ties inside a window
+    out = pool(x)
+    scales = torch.tensor([0.01, 1.0, 10.0], dtype=torch.float64)[torch.arange(out.numel()) % 3]
+    c = torch.randn_like(out) * scales.view(out.shape)
+    kernel = envelope.pool_windows(pool)
+    y, info = envelope.max_pool_increment(x, c, kernel)
+    assert y.shape == x.shape and info.method == "closed form: max over windows"
+
+    def value(yy):
+        return float((c * pool(x + yy)).sum() + 0.5 * (yy * yy).sum())
+
+    # Window by window against the references, through the pool's own indices.
+    _, idx = (nn.MaxPool1d if len(kernel) == 1 else nn.MaxPool2d)(kernel, return_indices=True)(x)
+    unfold_mask = torch.zeros_like(x, dtype=torch.bool)
+    flat_x, flat_y = x.flatten(-len(kernel)), y.flatten(-len(kernel))
+    for pos in range(out[0, 0].numel()):
+        members = [i for i in range(flat_x.shape[-1])
+                   if _window_of(i, x.shape[-len(kernel):], kernel) == pos]
+        for b in range(x.shape[0]):
+            for ch in range(x.shape[1]):
+                cj = float(c[b, ch].flatten()[pos])
+                v, got = flat_x[b, ch, members], flat_y[b, ch, members]
+                if cj >= 0:
+                    torch.testing.assert_close(got, _simplex_by_bisection(v, cj), rtol=1e-9, atol=1e-12)
+                else:
+                    want = torch.zeros_like(v)
+                    want[int(v.argmax())] = -cj
+                    torch.testing.assert_close(got, want)
+                unfold_mask.flatten(-len(kernel))[b, ch, members] = True
+    assert (y[~unfold_mask] == 0).all()
+    assert idx.numel() == out.numel()
+    best = value(y)
+    for _ in range(20):
+        assert best <= value(y + 1e-3 * torch.randn_like(y)) + 1e-12
+
+
+def _window_of(i: int, size: tuple[int, ...], kernel: tuple[int, ...]) -> int:
+    """The flat index of the pooled cell whose window holds the flat input index ``i`` (-1: none)."""
+    if len(size) == 1:
+        j = i // kernel[0]
+        return j if j < size[0] // kernel[0] else -1
+    r, col = divmod(i, size[1])
+    jr, jc = r // kernel[0], col // kernel[1]
+    if jr >= size[0] // kernel[0] or jc >= size[1] // kernel[1]:
+        return -1
+    return jr * (size[1] // kernel[1]) + jc
+
+
+def test_moreau_max_pool_tends_to_backprop():
+    """On a ConvNet the pool's state line takes the closed form, and Moreau tends to backprop at
+    first order as gamma = alpha -> 0 under the Lagrangian schedule (halving the step about halves
+    the error)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(3 * 3 * 3, 4)).double()
+    x, y = torch.randn(5, 2, 7, 6, dtype=torch.float64), torch.arange(5) % 4
+    grads = mg.Oracle(model, CrossEntropy())(x, y).directions
+    errs = []
+    for step in (1e-3, 5e-4):
+        rule = mg.rules.moreau(schedule=mg.rules.Lagrangian(step, step))
+        small = mg.Oracle(model, CrossEntropy(), rule)(x, y)
+        assert small.info[2].state.method == "closed form: max over windows"
+        errs.append(max(rel_err(small.directions[t][n], grads[t][n]) for t in (0, 4) for n in grads[t]))
+    assert 0.4 * errs[0] < errs[1] < 0.6 * errs[0]

@@ -315,6 +315,62 @@ def activation(module: nn.Module) -> Primitive:
     return prim
 
 
+# -- max pooling --------------------------------------------------------------------------------
+
+
+def pool_windows(module: nn.Module) -> tuple[int, ...] | None:
+    """The window of a max pooling whose windows tile its input without overlap (kernel equal to
+    stride, no padding or dilation, floor mode), else None (the generic solver takes it)."""
+    if not isinstance(module, nn.MaxPool1d | nn.MaxPool2d) or module.ceil_mode or module.return_indices:
+        return None
+    n = 1 if isinstance(module, nn.MaxPool1d) else 2
+    as_tuple = lambda v: tuple(v) if isinstance(v, tuple | list) else (v,) * n  # noqa: E731
+    kernel, stride = as_tuple(module.kernel_size), as_tuple(module.stride or module.kernel_size)
+    if kernel != stride or any(as_tuple(module.padding)) or any(d != 1 for d in as_tuple(module.dilation)):
+        return None
+    return kernel
+
+
+def max_pool_increment(x: Tensor, c: Tensor, kernel: tuple[int, ...]) -> tuple[Tensor, SolveInfo]:
+    """``y = argmin_y sum_j c_j max_{i in W_j} (x + y)_i + ||y||^2/2`` over windows ``W_j`` that tile
+    ``x`` (``c`` shaped like the pooled output); entries in no window keep ``y = 0``.
+
+    The problem separates over windows. For ``c_j >= 0`` it is ``y = -c_j P(x/c_j)`` with ``P`` the
+    projection on the simplex: the largest entries come down to a common level ``s``,
+    ``y_i = -(x_i - s)_+`` with ``sum_i (x_i - s)_+ = c_j`` (found by sorting the window). For
+    ``c_j < 0`` the best of the local minima raises the largest entry by ``|c_j|`` (the value there,
+    ``c_j x_max - c_j^2/2``, is a lower bound of every other point). All in differences to the
+    window's maximum, so ``y = -c_j`` on a lone maximum is exact at any scale.
+    """
+    n = len(kernel)
+    outs = c.shape[-n:]
+    xs = x[(..., *(slice(0, o * k) for o, k in zip(outs, kernel, strict=True)))]
+    if n == 1:
+        v = xs.reshape(*xs.shape[:-1], outs[0], kernel[0])
+    else:
+        v = xs.reshape(*xs.shape[:-2], outs[0], kernel[0], outs[1], kernel[1]).transpose(-3, -2)
+        v = v.reshape(*v.shape[:-2], kernel[0] * kernel[1])  # (..., Ho, Wo, m)
+    top, arg = v.max(-1, keepdim=True)
+    d = v - top  # <= 0, exactly 0 at the maximum
+    cj = c.unsqueeze(-1)
+    ds = d.sort(-1, descending=True).values
+    k = torch.arange(1, ds.shape[-1] + 1, dtype=x.dtype, device=x.device)
+    level = (ds.cumsum(-1) - cj) / k  # s_k - max, for the k largest entries
+    count = (ds > level).sum(-1, keepdim=True).clamp_min(1)
+    level = level.gather(-1, count - 1)
+    down = -(d - level).clamp_min(0)
+    up = torch.zeros_like(d).scatter_(-1, arg, -cj)
+    y = torch.where(cj >= 0, down, up)
+    if n == 1:
+        y = y.reshape(xs.shape)
+    else:
+        y = y.reshape(*y.shape[:-1], kernel[0], kernel[1]).transpose(-3, -2).reshape(xs.shape)
+    if y.shape != x.shape:  # rows and columns past the last window
+        y = F.pad(y, [p for o, k, size in zip(reversed(outs), reversed(kernel), reversed(x.shape[-n:]),
+                                              strict=True) for p in (0, size - o * k)])
+    return y, SolveInfo("closed form: max over windows")
+
+
 # -- objectives ---------------------------------------------------------------------------------
 
 

@@ -345,6 +345,19 @@ def activation_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     return StateUpdate(Dual(-beta * y), info)
 
 
+@register(Moreau, "state", nn.MaxPool1d, nn.MaxPool2d)
+def max_pool_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
+    """Max pooling over windows that tile the input: the problem separates per window
+    (:func:`~moreaugrad.envelope.max_pool_increment`) and ``lambda_{t-1} = -beta y``; overlapping or
+    padded pooling goes to the generic solver."""
+    kernel = envelope.pool_windows(site.stage.module)
+    if kernel is None:
+        return generic_state(rule, site, signal)
+    gamma, beta = rule.schedule.dual(site.t - 1, site.horizon)
+    y, info = envelope.max_pool_increment(site.x_prev.detach(), gamma * signal.dual(site.x.detach()), kernel)
+    return StateUpdate(Dual(-beta * y), info)
+
+
 @register(Moreau, "objective", SquaredLoss)
 def squared_objective(rule: Moreau, h: SquaredLoss, z: Tensor, target: Tensor,
                       gamma: float) -> tuple[Tensor, SolveInfo]:
