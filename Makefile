@@ -8,9 +8,8 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 LINT_PATHS := $(wildcard src tests experiments benchmarks)
-BENCHES := $(sort $(wildcard benchmarks/*.py))
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench docs clean
 
 venv: $(STAMP)
 
@@ -30,12 +29,13 @@ lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 
 bench: venv
-ifeq ($(BENCHES),)
-	@echo "bench: no benchmarks/*.py yet"
-else
-	@set -e; for b in $(BENCHES); do echo "== $$b"; $(PYTHON) $$b; done
-endif
+	$(PYTHON) -m benchmarks $(BENCH_ARGS)
+
+# The docs extra is installed on first use; the build runs every example (small) for the gallery.
+docs: venv
+	$(PYTHON) -c "import mkdocs, material, mkdocstrings" 2>/dev/null || $(PIP) install -e '.[dev,experiments,docs]'
+	$(VENV)/bin/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

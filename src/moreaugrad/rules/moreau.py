@@ -400,13 +400,16 @@ def moreau(gamma: float = 0.5, alpha: float = 2.0, schedule: Schedule | None = N
     rule's directions in ``torch.optim.SGD``; Adam takes the same directions (001 Sec. 3).
 
     Args:
-        gamma, alpha: the steps of the default :class:`Paper` schedule (000 eq. 52).
+        gamma: the state step of the default :class:`Paper` schedule (000 eq. 52).
+        alpha: the weight step of the default :class:`Paper` schedule (000 eq. 52).
         schedule: another schedule (:class:`Geometric`, :class:`Lagrangian`, :class:`PerStage`);
             overrides ``gamma`` and ``alpha``.
         solver: generic inner solver (default: the paper's two quasi-Newton steps,
             ``QuasiNewton(tol=None, max_iter=2)``, 000 App. E.2.1).
         solvers: per-stage solver overrides ``{t: solver}``, ``t`` in ``1..tau``.
-        closed_forms, warm_start, strict: see :class:`Moreau`.
+        closed_forms: use the registered closed forms (see :class:`Moreau`).
+        warm_start: start generic solves at the linearised step (see :class:`Moreau`).
+        strict: raise on a failed inner solve (see :class:`Moreau`).
     """
     from . import Rule
 
