@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .chain import Chain, Stage
-from .types import Signal, StageInfo, Weights, WeightUpdate
+from .types import Dual, Signal, StageInfo, Weights, WeightUpdate
 
 if TYPE_CHECKING:
     from .losses import Regularizer
@@ -50,6 +50,8 @@ class Site:
         rng: the random-number state before the forward pass of a stochastic stage, else None.
         attached: ``x_prev`` is the previous site's ``x`` itself, not a detached copy: the two
             stages' graphs are one, so a fused segment takes their vjps in one autograd call.
+            Once the sweep has taken it, the states inside the segment are released
+            (``x``/``x_prev`` None), as ``loss.backward()`` frees them.
     """
 
     stage: Stage
@@ -200,29 +202,40 @@ def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | Non
     return Tape(sites, x)
 
 
-def fused_vjp(sites: list[Site], lam: Tensor) -> None:
+def fused_vjp(sites: list[Site], lam: Tensor) -> tuple[Tensor | None, list[tuple[Tensor | None, ...]]]:
     """The vjps of consecutive stages (``sites`` top first, each but the last attached to the one
-    below) in one autograd call, as ``loss.backward()`` takes them.
+    below) in one autograd call, as ``loss.backward()`` takes them: ``(dx, dws)`` with ``dx`` the
+    bottom stage's input part (None if it needs none) and ``dws`` each stage's weight parts.
 
-    The call asks for every stage's input and weights at once. Each site's vjp cache is filled
-    with ``(its lambda, (dx, dws))``, where a stage's lambda is the ``dx`` of the stage above: the
-    rules of the sweep then read their vjps from the cache, in the same order and with the same
-    values as stage-by-stage calls (equal to rounding: autograd sums the same terms).
+    Only the bottom stage's input and the weights are asked for, so the signals inside the segment
+    are never formed and autograd frees each saved tensor once used (no ``retain_graph``): the
+    segment's memory is that of ``loss.backward()``. A weight autograd does not reach is
+    :attr:`Site.unused`, known here without a graph walk.
     """
-    inputs: list[Tensor] = []
+    bottom = sites[-1]
+    inputs = [bottom.x_prev] if bottom.needs_state else []
     for s in sites:
-        inputs += ([s.x_prev] if s.needs_state else []) + list(s.w.values())
-    grads = iter(torch.autograd.grad(sites[0].x, inputs, lam, retain_graph=True, allow_unused=True))
+        inputs += list(s.w.values())
+    grads = torch.autograd.grad(sites[0].x, inputs, lam, allow_unused=True)
+    dx = grads[0] if bottom.needs_state else None
+    it = iter(grads[1:] if bottom.needs_state else grads)
+    dws = []
     for s in sites:
-        dx = next(grads) if s.needs_state else None
-        dws = tuple(next(grads) for _ in s.w)
-        s._cache = (lam, (dx, dws))
-        # A weight autograd does not reach is unused (Site.unused), known here without a graph walk.
-        s.__dict__["unused"] = frozenset(n for (n, w), g in zip(s.w.items(), dws, strict=True)
+        dw = tuple(next(it) for _ in s.w)
+        s.__dict__["unused"] = frozenset(n for (n, w), g in zip(s.w.items(), dw, strict=True)
                                          if g is None and w.grad_fn is None)
-        if dx is None:
-            break
-        lam = dx
+        dws.append(dw)
+    if dx is None and bottom.needs_state:
+        dx = torch.zeros_like(bottom.x_prev)
+    return dx, dws
+
+
+def _release_interior(segment: list[Site]) -> None:
+    """Drop the tape's references to the states inside a fused segment (all but its output and
+    its input), so that autograd frees each once used, as in ``loss.backward()``; those sites keep
+    ``x`` and ``x_prev`` as None afterwards."""
+    for below, above in zip(segment[1:], segment[:-1], strict=True):
+        below.x = above.x_prev = None  # type: ignore[assignment]
 
 
 def _segment(sites: list[Site], top: int) -> list[Site]:
@@ -255,7 +268,7 @@ class SweepResult:
 
     loss: Tensor
     directions: list[WeightUpdate | None]
-    signals: list[Signal]
+    signals: list[Signal | None]  # None inside a fused segment (see sweep)
     info: list[StageInfo]
 
 
@@ -268,6 +281,11 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
 
     Returns the loss, per-stage weight updates, signals ``signal_0..signal_tau`` (``signal_0`` only
     if the input was a variable, else the list starts at ``signal_1``) and per-stage info.
+
+    A run of attached sites (``record(..., connect=)``, where both lines are plain vjps) is a fused
+    segment: one autograd call gives its weight parts and the signal below it
+    (:func:`fused_vjp`), the weight rule's ``fused`` makes the updates, and the signals inside the
+    segment are None: never formed, as ``loss.backward()`` does not form them.
     """
     tau = len(tape.sites)
     loss, signal, objective_info = rule.objective.objective(h, tape.output, target, tau)
@@ -275,29 +293,49 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
     directions: list[WeightUpdate | None] = [None] * tau
     info = [StageInfo() for _ in range(tau)]
     info[-1].extra["objective"] = objective_info
-    signals = [signal]
-    for site in reversed(tape.sites):
-        t = site.stage.index
-        if site.attached and site._cache is None:  # the top of a fused segment
-            fused_vjp(_segment(tape.sites, t), signal.dual(site.x.detach()))
-        if site.stage.has_weights:
-            update = rule.weight_for(site).weight(site, signal)
-            # r_t(w_t) uses every weight, so only an unregularised stage has unused ones.
-            unused = site.unused if site.regularizer is None else frozenset()
-            if unused:
-                update = replace(update, direction={n: d for n, d in update.direction.items()
-                                                    if n not in unused})
-            directions[t] = update
-            info[t].weight = update.info
+    signals: list[Signal | None] = [signal]
+    t = tau - 1
+    while t >= 0:
+        site = tape.sites[t]
+        if site.attached:  # the top of a fused segment: its stages' plain vjps in one call
+            segment = _segment(tape.sites, t)
+            lam = signal.dual(site.x.detach())
+            _release_interior(segment)
+            dx, dws = fused_vjp(segment, lam)
+            for s, dw in zip(segment, dws, strict=True):
+                if s.stage.has_weights:
+                    update = rule.weight_for(s).fused(s, dw)
+                    directions[s.stage.index] = _without_unused(s, update)
+                    info[s.stage.index].weight = update.info
+            signals += [None] * (len(segment) - 1)
+            site, t = segment[-1], segment[-1].stage.index
+            if site.needs_state:
+                signal = Dual(dx)
+        else:
+            if site.stage.has_weights:
+                update = _without_unused(site, rule.weight_for(site).weight(site, signal))
+                directions[t] = update
+                info[t].weight = update.info
+            if site.needs_state:
+                state = rule.state_for(site).state(site, signal)
+                signal = state.signal
+                info[t].state = state.info
         if site.needs_state:
-            state = rule.state_for(site).state(site, signal)
-            signal = state.signal
             _check_signal(signal, site.x_prev, lambda t=t, site=site: (
                 f"entering {tape.sites[t - 1].label}" if t > 0 else f"at the input (from {site.label})"))
-            info[t].state = state.info
             signals.append(signal)
+        t -= 1
     signals.reverse()
     return SweepResult(loss, directions, signals, info)
+
+
+def _without_unused(site: Site, update: WeightUpdate) -> WeightUpdate:
+    """The update without directions for weights ``x_t`` does not use (they keep ``.grad`` None);
+    ``r_t(w_t)`` uses every weight, so only an unregularised stage has unused ones."""
+    unused = site.unused if site.regularizer is None else frozenset()
+    if not unused:
+        return update
+    return replace(update, direction={n: d for n, d in update.direction.items() if n not in unused})
 
 
 def all_finite(t: Tensor) -> bool:

@@ -48,6 +48,13 @@ class Grad(LineRule):
         (lam,) = torch.autograd.grad(loss, out)
         return loss.detach(), Dual(lam), None
 
+    def fused(self, site: Any, dw: tuple[Tensor | None, ...]) -> WeightUpdate:
+        """The weight update from ``d_w phi_t^T lambda_t`` taken by a fused segment of the sweep
+        (``sweep.fused_vjp``; one entry per weight, None where autograd did not reach it)."""
+        direction = {n: torch.zeros_like(w) if g is None else g
+                     for (n, w), g in zip(site.w.items(), dw, strict=True)}
+        return WeightUpdate(regularized(site, direction), self.step, SolveInfo("vjp"))
+
 
 def regularized(site: Any, direction: dict[str, Tensor]) -> dict[str, Tensor]:
     """``d_t + grad r_t(w_t)`` when the stage has a regulariser (000 App. D.6)."""
@@ -67,12 +74,13 @@ def grad_state(rule: Grad, site: Any, signal: Signal) -> StateUpdate:
 def grad_weight(rule: Grad, site: Any, signal: Signal) -> WeightUpdate:
     """``d_t = d_w phi_t^T lambda_t + grad r_t(w_t)``."""
     _, dw = site.vjp(signal.dual(site.x.detach()))
-    return WeightUpdate(regularized(site, dw), rule.step, SolveInfo("vjp"))
+    return rule.fused(site, tuple(dw.values()))
 
 
 def plain_vjp(rule: Any, stage: Any) -> bool:
     """Whether ``rule``'s state and weight lines at ``stage`` are :class:`Grad`'s plain vjps, so a
-    run of such stages may share one autograd call (:func:`~moreaugrad.sweep.fused_vjp`)."""
+    run of such stages may share one autograd call (:func:`~moreaugrad.sweep.fused_vjp`), whose
+    weight parts the weight rule's ``fused`` turns into updates."""
     for line, spec, fn in (("state", rule.state, grad_state), ("weight", rule.weight, grad_weight)):
         if not isinstance(spec, LineRule) or any(
                 getattr(type(spec), m) is not getattr(LineRule, m) for m in ("entry", "state", "weight")):
