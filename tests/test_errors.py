@@ -188,9 +188,16 @@ def test_non_finite_state_signal_names_the_stage():
     with torch.no_grad():
         case.model[4].weight.zero_()
         case.model[2].weight[0, 0] = float("inf")
-    oracle = mg.Oracle(case.model, lambda out, y: out.sum())
+    # Stage by stage (a rule given per stage is not fused), the signal is checked where it forms.
+    grad = mg.rules.Grad()
+    per_stage = mg.rules.Rule(objective=grad, state=[grad] * 5, weight=[grad] * 5)
+    oracle = mg.Oracle(case.model, lambda out, y: out.sum(), per_stage)
     with pytest.raises(mg.NonFiniteError,
                        match=re.escape("the signal entering stage 2 (ReLU) is not finite")):
+        oracle.backward(case.x, case.y)
+    # Backprop's fused sweep forms no interior signal (as loss.backward()); the loss reports it.
+    oracle = mg.Oracle(case.model, lambda out, y: out.sum())
+    with pytest.raises(mg.NonFiniteError, match=re.escape("the loss is not finite")):
         oracle.backward(case.x, case.y)
 
 
