@@ -190,3 +190,22 @@ def test_fused_segments_stop_where_a_rule_is_not_a_vjp():
                 torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-14)
     plain = mg.Oracle(model, mg.losses.CrossEntropy())(x, y)  # the Tanh's half shows below it
     torch.testing.assert_close(have.directions[0]["weight"], 0.5 * plain.directions[0]["weight"])
+
+
+def test_relu_difference_equals_the_piecewise_integral():
+    """FenBP's five-pass ReLU difference equals the generic piecewise integral exactly, at kinks,
+    on both sides of 0, for both signs of the move, in float32 and float64."""
+    from moreaugrad.rules.fenchel import _piecewise_difference, _relu_difference
+
+    generic = _piecewise_difference([0.0], [0.0, 1.0])
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        u = torch.cat([torch.randn(1000, dtype=dtype), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.0, -2.0],
+                                                                       dtype=dtype)])
+        for scale in (1e-6, 1.0, 10.0):
+            delta = scale * torch.randn_like(u)
+            delta[:3] = torch.tensor([0.0, 2.0, -2.0], dtype=dtype)
+            want = generic(u, delta)
+            assert torch.equal(_relu_difference(u, delta), want)
+            if dtype == torch.float64:
+                torch.testing.assert_close(want, torch.relu(u) - torch.relu(u - delta), rtol=0, atol=1e-12)

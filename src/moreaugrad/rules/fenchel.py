@@ -117,6 +117,8 @@ class Profile:
         diff: ``(u, delta) -> sigma(u) - sigma(u - delta)`` computed from ``u`` and ``delta`` without
             forming ``u - delta`` and subtracting, or ``None`` for the plain difference (see
             :meth:`difference`).
+        gap_sum: ``(u, delta, inc) -> sum D(u, u - delta)`` from the difference ``inc`` already
+            taken, or ``None`` to sum ``gap`` (see :meth:`total_gap`).
     """
 
     fn: Callable[[Tensor], Tensor]
@@ -124,6 +126,14 @@ class Profile:
     lower: float = -INF
     upper: float = INF
     diff: Callable[[Tensor, Tensor], Tensor] | None = None
+    gap_sum: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+
+    def total_gap(self, u: Tensor, delta: Tensor, inc: Tensor) -> Tensor:
+        """``sum D(u, u - delta)`` given ``inc = difference(u, delta)``, by ``gap_sum`` when the
+        profile has one (fewer passes), else by ``gap``."""
+        if self.gap_sum is not None:
+            return self.gap_sum(u, delta, inc)
+        return self.gap(u, u - delta).sum()
 
     def difference(self, u: Tensor, delta: Tensor) -> Tensor:
         """``sigma(u) - sigma(u - delta)`` elementwise.
@@ -213,6 +223,21 @@ def _piecewise_difference(kinks: Sequence[float],
     return diff
 
 
+def _relu_difference(u: Tensor, delta: Tensor) -> Tensor:
+    """``relu(u) - relu(u - delta)`` as :func:`_piecewise_difference` gives it for ReLU, in five
+    passes: the overlap of ``I`` with ``[0, inf)`` is ``clip(u + (-delta)_+, 0, |delta|)``, signed
+    like ``delta``."""
+    inc = (u - delta.clamp_max(0)).clamp_min_(0)
+    return torch.minimum(inc, delta.abs(), out=inc).copysign_(delta)
+
+
+def _relu_gap_sum(u: Tensor, delta: Tensor, inc: Tensor) -> Tensor:
+    """``sum D(u, u - delta)`` for ReLU: ``D = (p - q)^2/2 + q (-u)_+`` (:func:`_clip_gap` on
+    ``[0, inf)``) with ``p - q = inc``, as two dot products."""
+    q, v = (u - delta).clamp_min_(0).reshape(-1), inc.reshape(-1)
+    return 0.5 * torch.dot(v, v) - torch.dot(q, u.clamp_max(0).reshape(-1))
+
+
 def _sigmoid_difference(u: Tensor, delta: Tensor) -> Tensor:
     """``sigmoid(u) - sigmoid(u - delta) = sign(delta) (1 - e^{-|delta|}) sigmoid(hi) sigmoid(-lo)``
     with ``hi, lo`` the larger and smaller of ``u, u - delta``: a product of bounded factors, free of
@@ -233,7 +258,7 @@ def _log_cosh(x: Tensor) -> Tensor:
     return a + F.softplus(-2 * a) - math.log(2.0)
 
 
-_RELU = Profile(torch.relu, _clip_gap(0.0, INF), 0.0, INF, _piecewise_difference([0.0], [0.0, 1.0]))
+_RELU = Profile(torch.relu, _clip_gap(0.0, INF), 0.0, INF, _relu_difference, _relu_gap_sum)
 
 
 def profile(module: nn.Module) -> Profile:
@@ -557,7 +582,11 @@ def activation_state(rule: FiniteDifference, site: Any, signal: Signal) -> State
     out = inc / (tau * n)
     term = None
     if rule.surrogate:
-        term = -(inc * lam).sum() + (prof.gap(u, u - delta) / (tau * n)).sum()
+        dot = -torch.dot(inc.reshape(-1), lam.reshape(-1))
+        if isinstance(tau, Tensor):  # a spacing per unit: D is weighted entry by entry
+            term = dot + (prof.gap(u, u - delta) / (tau * n)).sum()
+        else:
+            term = dot + prof.total_gap(u, delta, inc) / (tau * n)
     return StateUpdate(Dual(out), SurrogateInfo("finite difference", term=term, target=zbar, spacing=tau))
 
 
