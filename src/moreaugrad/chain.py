@@ -216,11 +216,17 @@ class Stage:
 
 
 class Dynamics(nn.Module):
-    """The per-step map of a chain built by :meth:`Chain.from_dynamics` (for rule dispatch)."""
+    """The per-step map of a chain built by :meth:`Chain.from_dynamics` (for rule dispatch).
 
-    def __init__(self, phi: Callable[[Tensor, Tensor], Tensor]):
+    ``affine``: the caller's statement that ``phi(w, x)`` is affine in the control ``w``, so rules
+    may use their closed forms for weights that enter linearly (the Moreau weight step is then the
+    vjp, 000 Algo 2 line 5).
+    """
+
+    def __init__(self, phi: Callable[[Tensor, Tensor], Tensor], affine: bool = False):
         super().__init__()
         self.phi = phi
+        self.affine = affine
 
     def forward(self, w: Tensor, x: Tensor) -> Tensor:
         return self.phi(w, x)
@@ -305,7 +311,7 @@ class Chain(nn.Module):
 
     @classmethod
     def from_dynamics(cls, phi: Callable[[Tensor, Tensor], Tensor], controls: Tensor,
-                      x0: Tensor) -> Chain:
+                      x0: Tensor, affine: bool = False) -> Chain:
         """A control chain ``x_t = phi(w_t, x_{t-1})`` with one control ``w_t = controls[t-1]`` per step.
 
         Args:
@@ -314,6 +320,10 @@ class Chain(nn.Module):
             controls: shape ``(tau, ...)``; becomes the chain's parameter ``controls`` (an existing
                 ``nn.Parameter`` is used as is, so an optimizer built on it keeps working).
             x0: the initial state, shape ``(d,)`` or ``(B, d)``; a 1-D state gets a batch of one.
+            affine: ``phi`` is affine in the control (as a pendulum's torque enters its explicit or
+                semi-implicit Euler step): the weight lines may take closed forms (e.g. Moreau's is
+                the vjp) instead of inner solves. Stating it for a ``phi`` that is not affine gives
+                those rules' linearised answer.
         """
         if not callable(phi):
             raise TypeError(f"Chain.from_dynamics: phi must be callable, got {type(phi).__name__}")
@@ -332,7 +342,7 @@ class Chain(nn.Module):
         nn.Module.__init__(self)
         self.controls = controls if isinstance(controls, nn.Parameter) else nn.Parameter(
             controls.detach().clone())
-        self.model = nn.Sequential(Dynamics(phi))
+        self.model = nn.Sequential(Dynamics(phi, affine))
         self._traced, self._names = None, None
         self.register_buffer("x0", x0.detach().clone() if x0.dim() > 1 else x0.detach()[None].clone())
         self._phi = phi

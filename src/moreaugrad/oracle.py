@@ -127,8 +127,11 @@ class Oracle:
 
     def _fusable(self) -> list[bool]:
         """Per stage, whether it and the stage before both take plain vjps, so the sweep fuses
-        them into one autograd call (``sweep.fused_vjp``); kept while the stages are the same."""
+        them into one autograd call (``sweep.fused_vjp``); kept while the stages are the same.
+        Never for a rule with ``finish``: its pass after the sweep reads the whole tape."""
         key = (self.chain.stages, self.rule)
+        if hasattr(self.rule, "finish"):
+            return [False] * len(key[0])
         if self._connect is None or any(a is not b for a, b in zip(self._connect[0], key, strict=True)):
             stages = key[0]
             plain = [plain_vjp(self.rule, s) for s in stages]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import envelope
+from ..chain import Dynamics
 from ..checks import check_positive
 from ..losses import L2, CrossEntropy, SquaredLoss, functional_loss
 from ..solvers import LBFGS, QuasiNewton, gdot
@@ -330,6 +331,15 @@ def linear_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
         w = site.w[n].detach()
         d[n] = (w - reg.prox(w - alpha * g, alpha)) / alpha
     return WeightUpdate(d, alpha, SolveInfo("closed form: linear"))
+
+
+@register(Moreau, "weight", Dynamics)
+def dynamics_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
+    """A dynamics step declared affine in its control (``Chain.from_dynamics(..., affine=True)``)
+    takes the linear closed form (the vjp); any other goes to the generic solver."""
+    if site.stage.module.affine:
+        return linear_weight(rule, site, signal)
+    return generic_weight(rule, site, signal)
 
 
 @register(Moreau, "state", *envelope.ACTIVATIONS)
