@@ -16,7 +16,14 @@ from moreaugrad.lstsq import CG, Exact, solve_weight
 from moreaugrad.sweep import record
 from moreaugrad.types import Dual, StateUpdate
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every check here is in float64 (the module's own default, restored after each test)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def dense_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
