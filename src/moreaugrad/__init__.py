@@ -6,7 +6,7 @@
     opt.zero_grad(); oracle.backward(x, y); opt.step()
 """
 
-from . import control, data, losses, lstsq, rules, second_order, smoothness, solvers
+from . import control, data, distributed, losses, lstsq, rules, second_order, smoothness, solvers
 from .chain import Chain, Stage
 from .oracle import DivergenceWarning, NonFiniteError, Oracle, OracleResult, UnderflowError
 from .types import Dual, InexactSolveWarning, SolveInfo, Target
@@ -27,6 +27,7 @@ __all__ = [
     "Target",
     "control",
     "data",
+    "distributed",
     "losses",
     "lstsq",
     "rules",
