@@ -136,3 +136,88 @@ def test_gradient_descent_swings_up():
     assert losses[0] == pytest.approx(math.pi ** 2, rel=1e-15)
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False))
     assert final < losses[-1]
+
+
+# -- discretisations (issue 14): each against a hand-written roll-out of its equations, in float64 --
+
+
+def _accel(p: mg.control.Pendulum, theta: float, omega: float, w: float) -> float:
+    inertia = p.mass * p.length ** 2
+    return -(p.gravity / p.length) * math.sin(theta) - p.friction / inertia * omega + w / inertia
+
+
+def _hand_rollout(p: mg.control.Pendulum, controls: list[float], theta: float, omega: float) -> list:
+    """The states ``x_1 .. x_tau`` by plain Python floats and ``math.sin`` (no torch)."""
+    d, out = p.delta, []
+    for w in controls:
+        if p.discretization == "explicit":
+            theta, omega = theta + d * omega, omega + d * _accel(p, theta, omega, w)
+        elif p.discretization == "semi_implicit":
+            omega = omega + d * _accel(p, theta, omega, w)
+            theta = theta + d * omega
+        else:
+            def f(th, om, w=w):
+                return om, _accel(p, th, om, w)
+            k1 = f(theta, omega)
+            k2 = f(theta + d / 2 * k1[0], omega + d / 2 * k1[1])
+            k3 = f(theta + d / 2 * k2[0], omega + d / 2 * k2[1])
+            k4 = f(theta + d * k3[0], omega + d * k3[1])
+            theta, omega = (theta + d / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0]),
+                            omega + d / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1]))
+        out.append((theta, omega))
+    return out
+
+
+@pytest.mark.parametrize("disc", ["explicit", "semi_implicit", "rk4"])
+@pytest.mark.parametrize("x0", [(0.0, 0.0), (math.pi / 2, 0.0), (0.3, -0.7)])
+def test_discretization_matches_hand_rollout(disc, x0):
+    p = mg.control.Pendulum(horizon=30, discretization=disc, x0=x0, friction=0.05)
+    controls = torch.randn(30, 1, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    chain = p.chain(controls)
+    expected = _hand_rollout(p, controls[:, 0].tolist(), *x0)
+    assert chain.x0[0].tolist() == list(x0)
+    # Step by step through phi, and the whole chain's output.
+    x = p.initial_state()[None]
+    for t, w in enumerate(controls):
+        x = p.dynamics(w, x)
+        assert x[0].tolist() == pytest.approx(list(expected[t]), abs=1e-12, rel=1e-12)
+    assert chain()[0].tolist() == pytest.approx(list(expected[-1]), abs=1e-12, rel=1e-12)
+    h = (expected[-1][0] - math.pi) ** 2 + p.rho * expected[-1][1] ** 2
+    assert p.objective(chain()).item() == pytest.approx(h, rel=1e-12)
+
+
+def test_semi_implicit_uses_the_new_velocity():
+    """One step from theta = pi/2 at rest: explicit Euler leaves theta, semi-implicit moves it by
+    ``delta * omega_1 = 0.1 * (-0.981)``."""
+    w, x = torch.zeros(1, dtype=DTYPE), torch.tensor([[math.pi / 2, 0.0]], dtype=DTYPE)
+    exp = mg.control.Pendulum().dynamics(w, x)[0].tolist()
+    semi = mg.control.Pendulum(discretization="semi_implicit").dynamics(w, x)[0].tolist()
+    assert exp == pytest.approx([math.pi / 2, -0.981], abs=1e-15)
+    assert semi == pytest.approx([math.pi / 2 - 0.0981, -0.981], abs=1e-15)
+
+
+def test_rk4_is_fourth_order():
+    """Over a fixed time, two half steps err 2 (1/2)^5 = 1/16 of one full step (local error O(delta^5))."""
+    x, w = torch.tensor([[0.4, 0.3]], dtype=DTYPE), torch.tensor([0.2], dtype=DTYPE)
+
+    def flow(delta: float, steps: int) -> torch.Tensor:
+        p, y = mg.control.Pendulum(delta=delta, discretization="rk4"), x
+        for _ in range(steps):
+            y = p.dynamics(w, y)
+        return y
+
+    ref = flow(0.1 / 256, 256)
+    e1, e2 = (flow(0.1, 1) - ref).norm().item(), (flow(0.05, 2) - ref).norm().item()
+    assert 13 < e1 / e2 < 19
+
+
+def test_explicit_stays_the_default_and_bad_values_are_named():
+    p = mg.control.Pendulum()
+    assert p.discretization == "explicit" and p.x0 == (0.0, 0.0)
+    assert mg.control.Pendulum(x0=(1, 0)).initial_state().tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="discretization"):
+        mg.control.Pendulum(discretization="euler")
+    with pytest.raises(ValueError, match="x0"):
+        mg.control.Pendulum(x0=(0.0,))
+    with pytest.raises(ValueError, match="x0"):
+        mg.control.Pendulum(x0=(float("nan"), 0.0))

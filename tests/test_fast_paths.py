@@ -236,3 +236,16 @@ def test_affine_dynamics_weight_closed_form_equals_the_solver():
     for a, b in zip(closed.directions, generic.directions, strict=True):
         for n in a:
             torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("discretization", ["explicit", "semi_implicit", "rk4"])
+def test_pendulum_declares_affine_control_only_where_it_is(discretization):
+    """Euler steps are affine in the torque (second differences in w vanish); RK4's are not, and
+    the chain is told so."""
+    P = mg.control.Pendulum(horizon=3, discretization=discretization)
+    x = torch.tensor([[0.4, -0.3], [1.2, 0.5]])
+    w = torch.tensor([0.7])
+    second = P.dynamics(w + 1.0, x) - 2 * P.dynamics(w, x) + P.dynamics(w - 1.0, x)
+    affine = P.chain().model[0].affine
+    assert affine == (discretization != "rk4")
+    assert (float(second.abs().max()) < 1e-12) == affine
