@@ -119,6 +119,9 @@ def test_every_config_runs_at_smoke_size(config, tmp_path, capsys):
     assert results["experiment"]["title"] in printed
     table = results["config"].get("table", "none")
     summary = (out / "summary.md").read_text()
+    # A verdict line for every config, computed from its results (issue 14).
+    assert "## Verdict" in summary and "verdict: " in printed
+    assert any(f"**{w}**" in summary for w in runner.verdict.VERDICTS)
     if table == "grid":
         assert "over the grid ('-': diverged)" in summary
         # Every method has one cell per step size: a number or '-'.

@@ -1,8 +1,9 @@
 """The ``moreaugrad`` command line: ``demo``, ``run CONFIG``, ``plot RUN`` and ``list``.
 
     moreaugrad demo                                   # a few minutes on a laptop CPU
-    moreaugrad list                                   # the experiments in experiments/
+    moreaugrad list                                   # the experiments, and verdicts of runs in runs/
     moreaugrad run 000_fig3 [--smoke | --full]        # one figure or table of a paper
+    moreaugrad run 000_fig3 --seeds 3                 # three seeds: mean +- spread, shaded plots
     moreaugrad plot runs/000_fig3                     # redraw a run's figures and summary
     moreaugrad analyze --vgg16 --batch-norm 0.01      # Lipschitz and smoothness bounds, per layer (003)
 
@@ -132,6 +133,9 @@ def parser() -> argparse.ArgumentParser:
                      "in mnist/, MNIST/raw/, cifar-10-batches-py/ (default ./data); nothing is downloaded")
     run.add_argument("--experiments", type=_existing_folder, default=None,
                      help="folder to look up CONFIG by name")
+    run.add_argument("--seeds", type=_threads, default=None, metavar="N",
+                     help="run N seeds (--seed, --seed + 1, ...) into OUT/seed-S/ and report their mean "
+                     "+- spread; default: the config's `seeds` (else 1)")
     _common(run, "run folder (default runs/NAME[-smoke|-full][-seedS])")
 
     plot = sub.add_parser("plot", help="redraw a run's figures and summary.md from its results.json",
@@ -144,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
                          description="List the experiment configs (experiments/*.toml) and what each "
                          "reproduces.")
     lst.add_argument("--experiments", type=_existing_folder, default=None, help="folder of configs to list")
+    lst.add_argument("--runs", type=Path, default=Path("runs"), help="folder of run folders whose verdicts "
+                     "to show (default ./runs)")
     _common(lst, "unused (accepted by every command)")
 
     ana = sub.add_parser("analyze", help="Lipschitz and smoothness bounds of a model, layer by layer (003)",
@@ -191,7 +197,8 @@ def _run_script(script: Any, out: Path, args: argparse.Namespace, data_dir: Path
     """A ``kind = "script"`` experiment: its own program, outputs and (no) resume."""
     import subprocess
 
-    cmd = script.command(args.seed, out, args.device, data_dir)
+    n = getattr(args, "seeds", None) or script.config.get("seeds", 1)
+    cmd = script.command(args.seed, out, args.device, data_dir, n)
     print(f"moreaugrad: {script.source} ({script.scale}) runs its own script:\n  {' '.join(cmd)}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     try:
@@ -214,7 +221,8 @@ def _run(config_path: Path, out: Path, scale: str, args: argparse.Namespace, dat
     print(f"moreaugrad: {config_path} ({scale}) -> {out}  [seed {args.seed}, device {device}]")
     try:
         results = runner.run_config(config_path, out, scale=scale, seed=args.seed, device=device,
-                                    data_dir=data_dir, progress=not args.quiet)
+                                    data_dir=data_dir, progress=not args.quiet,
+                                    n_seeds=getattr(args, "seeds", None))
     except KeyboardInterrupt:
         print(f"\nmoreaugrad: interrupted. Rerun the same command to resume {out} from its last "
               f"checkpoint.", file=sys.stderr)
@@ -238,9 +246,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = runner.config.find(args.config, _experiment_dirs(args.experiments))
     scale = "smoke" if args.smoke else "full" if args.full else "default"
     if args.out is None:
-        name = runner.load(path, scale).name
+        exp = runner.load(path, scale)
         suffix = "" if scale == "default" else f"-{scale}"
-        args.out = Path("runs") / f"{name}{suffix}{'' if args.seed == 0 else f'-seed{args.seed}'}"
+        n = args.seeds or (1 if isinstance(exp, runner.config.Script) else exp.config.get("seeds", 1))
+        seeds = "" if n == 1 else f"-{n}seeds"
+        args.out = Path("runs") / f"{exp.name}{suffix}{'' if args.seed == 0 else f'-seed{args.seed}'}{seeds}"
     return _run(path, args.out, scale, args, args.data_dir)
 
 
@@ -281,9 +291,37 @@ def cmd_list(args: argparse.Namespace) -> int:
             break
     print(f"experiments in {folder} (run one with `moreaugrad run NAME [--smoke | --full]`):\n")
     width = [max(len(r[i]) for r in rows) for i in range(3)] if rows else [0, 0, 0]
+    verdicts = _verdicts(args.runs)
     for r in rows:
         print(f"  {r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:>{width[2]}}  {r[3]}")
+        for folder_name, line in verdicts.get(r[0], []):
+            print(f"      {folder_name}: {line}")
+    if not verdicts:
+        print(f"\nno finished runs in {args.runs}: verdicts appear here once `moreaugrad run` has written "
+              f"one")
     return 0
+
+
+def _verdicts(runs: Path) -> dict[str, list[tuple[str, str]]]:
+    """The verdict of every run folder under ``runs`` (its ``results.json``), by experiment name."""
+    from . import runner
+
+    found: dict[str, list[tuple[str, str]]] = {}
+    if not runs.is_dir():
+        return found
+    for path in sorted(runs.glob("*/results.json")):
+        try:
+            results = runner.store.read_json(path)
+            if not isinstance(results, dict) or results.get("format") != 1:
+                continue
+            v = runner.verdict.verdict(results)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        n = runner.seeds.n_seeds(results)
+        where = f"{path.parent.name} [{results.get('scale')}, {n} seed{'s' if n > 1 else ''}, " \
+                f"{results.get('status')}]"
+        found.setdefault(results["experiment"]["name"], []).append((where, v.verdict))
+    return found
 
 
 # Input shape (per sample) and classes of each dataset, so that `analyze` reads no data files.

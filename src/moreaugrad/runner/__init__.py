@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import config, engine, report, store
+from . import config, engine, report, seeds, store, verdict
 from .config import ConfigError, Experiment
 from .engine import Context, RunMismatchError
 
@@ -37,23 +37,44 @@ def load(path: str | Path, scale: str = "default") -> Experiment | config.Script
 def run_config(path: str | Path, out: str | Path, scale: str = "default", seed: int = 0,
                device: str | torch.device = "cpu", data_dir: str | Path | None = None,
                progress: bool = False, callback: Callable[[str, int], None] | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Callable[[str], None] = print, n_seeds: int | None = None) -> dict[str, Any]:
     """Run (or resume) a config into ``out``, then write its figures and ``summary.md``.
 
     Args:
+        n_seeds: how many seeds (``seed, seed + 1, ...``); default the config's ``seeds`` key, else 1.
+            One seed runs in ``out`` itself; several run in ``out/seed-S/`` each (every one resumable)
+            and ``out/results.json`` holds their mean and spread (``runner.seeds``).
         callback: called as ``callback(job_id, updates)`` after every optimizer step (tests use it
             to interrupt a run at a chosen step).
     """
     exp = load(path, scale)
     if isinstance(exp, config.Script):
         raise ConfigError(f"{path} is a script experiment ({exp.path}); run it with `moreaugrad run`")
-    ctx = Context(out=Path(out), seed=seed, device=torch.device(device),
-                  data_dir=None if data_dir is None else Path(data_dir), progress=progress,
-                  callback=callback, log=log)
-    results = engine.run(exp, ctx)
-    report.write(results, ctx.out)
+    n = exp.config.get("seeds", 1) if n_seeds is None else n_seeds
+    seed_ids = seeds.seed_list(seed, n)
+    out = Path(out)
+
+    def context(s: int, folder: Path) -> Context:
+        return Context(out=folder, seed=s, device=torch.device(device),
+                       data_dir=None if data_dir is None else Path(data_dir), progress=progress,
+                       callback=callback, log=log)
+
+    if n == 1:
+        results = engine.run(exp, context(seed, out))
+    else:
+        if (out / "run.json").is_file():
+            raise RunMismatchError(f"{out} holds a single-seed run; choose another --out for {n} seeds")
+        dirs = [seeds.SEED_DIR.format(seed=s) for s in seed_ids]
+        per_seed = []
+        for s, d in zip(seed_ids, dirs, strict=True):
+            log(f"{exp.name}: seed {s} ({len(per_seed) + 1} of {n}) in {out / d}")
+            per_seed.append(engine.run(exp, context(s, out / d)))
+        results = seeds.aggregate(per_seed, seed_ids, dirs)
+        store.write_json(out / "results.json", results)
+        results = store.read_json(out / "results.json")
+    report.write(results, out)
     return results
 
 
 __all__ = ["ConfigError", "Context", "Experiment", "RunMismatchError", "config", "demo_config", "engine",
-           "load", "report", "run_config", "store"]
+           "load", "report", "run_config", "seeds", "store", "verdict"]

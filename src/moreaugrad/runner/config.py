@@ -24,7 +24,9 @@ Top-level keys: ``name``, ``title``, ``paper``, ``claim``, ``notes`` (text for `
 ``kind`` (default panel kind); ``select`` (``"final"`` or ``"area"`` of the best-so-far curve of
 ``select_metric``, default ``"loss"``); ``table`` (``"grid"``: methods x ``table_axis`` values of the
 final ``table_metric``; ``"selected"``: panels x methods' selected settings); ``plots`` (metrics to
-draw) and ``x_axes`` (``"step"`` and/or ``"time"``).
+draw) and ``x_axes`` (``"step"`` and/or ``"time"``); ``seeds`` (how many seeds to run, default 1;
+``--seeds N`` overrides it; see ``runner.seeds``); ``verdict`` (the rule that turns the results into a
+verdict on ``claim``; see ``runner.verdict``).
 
 Panel keys: ``kind``, ``title``, ``methods`` (default all), ``enabled``, ``optional`` (skip when the
 dataset's files are missing), ``diverge_above`` (a run whose objective exceeds it counts as diverged;
@@ -62,7 +64,7 @@ SELECT = ("final", "area")
 TABLES = ("none", "grid", "selected")
 TOP_KEYS = {"name", "title", "paper", "claim", "notes", "kind", "script", "args", "select", "select_metric",
             "table", "table_axis", "table_metric", "plots", "x_axes", "defaults", "panels", "methods",
-            "smoke", "full"}
+            "smoke", "full", "seeds", "verdict"}
 
 
 class ConfigError(ValueError):
@@ -139,6 +141,7 @@ class Experiment:
     methods: dict[str, dict[str, Any]]
     jobs: list[Job] = field(default_factory=list)
     source: str = ""
+    all_panels: list[str] = field(default_factory=list)   # the disabled ones too
 
     @property
     def title(self) -> str:
@@ -148,7 +151,7 @@ class Experiment:
 @dataclass
 class Script:
     """An experiment that is its own script (``kind = "script"``): ``moreaugrad run`` calls
-    ``python SCRIPT ARGS`` with ``{seed}``, ``{out}``, ``{device}`` and ``{data_dir}`` filled in.
+    ``python SCRIPT ARGS`` with ``{seed}``, ``{seeds}``, ``{out}``, ``{device}`` and ``{data_dir}`` filled in.
     The script writes its own results; it is not resumed by the runner."""
 
     name: str
@@ -162,8 +165,8 @@ class Script:
     def title(self) -> str:
         return self.config.get("title", self.name)
 
-    def command(self, seed: int, out: Path, device: str, data_dir: Path | None) -> list[str]:
-        values = {"seed": seed, "out": out, "device": device, "data_dir": data_dir or "data"}
+    def command(self, seed: int, out: Path, device: str, data_dir: Path | None, seeds: int = 1) -> list[str]:
+        values = {"seed": seed, "seeds": seeds, "out": out, "device": device, "data_dir": data_dir or "data"}
         return [sys.executable, str(self.path), *(a.format(**values) for a in self.args)]
 
 
@@ -195,6 +198,9 @@ def resolve(raw: dict[str, Any], scale: str = "default", source: str = "<config>
     extra = sorted(set(over.get("panels", {})) - set(panels_raw))
     if extra:
         raise ConfigError(f"{source}: [{scale}.panels] names panels that do not exist: {extra}")
+    seeds = cfg.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ConfigError(f"{source}: seeds must be an integer >= 1, got {seeds!r}")
     methods = {m: spec for m, spec in methods_raw.items() if spec.get("enabled", True)}
     panels: dict[str, dict[str, Any]] = {}
     for pname, spec in panels_raw.items():
@@ -224,7 +230,9 @@ def resolve(raw: dict[str, Any], scale: str = "default", source: str = "<config>
         panels[pname] = p
     cfg.pop("defaults", None)
     cfg["panels"] = panels
-    exp = Experiment(name=name, scale=scale, config=cfg, panels=panels, methods=methods, source=source)
+
+    exp = Experiment(name=name, scale=scale, config=cfg, panels=panels, methods=methods, source=source,
+                     all_panels=list(panels_raw))
     for pname, p in panels.items():
         for m in p["methods"]:
             exp.jobs.extend(_expand(source, pname, m, methods[m]))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import moreaugrad as mg
 
-from . import methods, models, store
+from . import methods, models, store, verdict
 from .config import ConfigError, Experiment, Job, seed_for
 
 Callback = Callable[[str, int], None]
@@ -39,8 +39,8 @@ LOSSES = {"cross_entropy": mg.losses.CrossEntropy, "squared": mg.losses.SquaredL
 ACCURACY = ("val_accuracy", "test_accuracy")
 PARTIAL_EVERY_S = 20.0
 PANEL_KEYS = {"kind", "title", "methods", "enabled", "optional", "diverge_above", "dtype", "system",
-              "horizon", "iterations", "checkpoint_every", "dataset", "model", "loss", "l2", "epochs",
-              "batch_size", "eval_batch"}
+              "horizon", "discretization", "x0", "iterations", "checkpoint_every", "dataset", "model",
+              "loss", "l2", "epochs", "batch_size", "eval_batch"}
 MODEL_KEYS = {"kind", "hidden", "channels", "kernel", "widths", "stages"}
 
 
@@ -149,6 +149,7 @@ def _check_panel(panel: dict[str, Any]) -> None:
             raise ValueError(f"system must be 'pendulum', got {panel['system']!r}")
         if not isinstance(panel.get("horizon"), int) or panel["horizon"] < 1:
             raise ValueError(f"horizon must be an int >= 1, got {panel.get('horizon')!r}")
+        pendulum(panel)
         return
     spec = dict(panel.get("dataset", {"name": "digits"}))
     name = spec.pop("name", None)
@@ -176,6 +177,12 @@ def validate(exp: Experiment) -> None:
     Raises:
         ConfigError: naming the file, the panel or method (and grid point), and the field.
     """
+    if "verdict" in exp.config:
+        try:
+            verdict.validate(exp.config["verdict"], set(exp.config["methods"]), set(exp.all_panels),
+                             exp.source)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     for pname, panel in exp.panels.items():
         try:
             _check_panel(panel)
@@ -261,11 +268,19 @@ class _Job:
         self.elapsed.append(elapsed)
 
 
+def pendulum(panel: dict[str, Any]) -> mg.control.Pendulum:
+    """The pendulum of a control panel: ``horizon``, ``discretization`` (default ``"explicit"``, as
+    000 App. E.1.1 prints it) and ``x0 = [theta_0, omega_0]`` (default ``[0, 0]``)."""
+    return mg.control.Pendulum(horizon=int(panel["horizon"]),
+                               discretization=panel.get("discretization", "explicit"),
+                               x0=tuple(panel.get("x0", (0.0, 0.0))))
+
+
 def _control_job(job: Job, panel: dict[str, Any], ctx: Context, bar: Any) -> _Job:
     system = panel.get("system", "pendulum")
     if system != "pendulum":
         raise ValueError(f"panel {job.panel}: system must be 'pendulum', got {system!r}")
-    problem = mg.control.Pendulum(horizon=int(panel["horizon"]))
+    problem = pendulum(panel)
     chain = problem.chain(problem.initial_controls(_dtype(panel.get("dtype", "float64")), ctx.device))
     oracle = mg.Oracle(chain, problem.objective, methods.rule(job.spec))
     opt = methods.optimizer(job.spec, chain.parameters())
@@ -385,7 +400,8 @@ def _finish(state: _Job, exp: Experiment, wall: float) -> dict[str, Any]:
 # -- the run ------------------------------------------------------------------------------------
 
 
-TEXT_KEYS = ("title", "paper", "claim", "notes")
+# Prose, the verdict rule and the number of seeds do not change a (per-seed) run's results.
+TEXT_KEYS = ("title", "paper", "claim", "notes", "verdict", "seeds")
 
 
 def _identity(exp: Experiment, ctx: Context) -> dict[str, Any]:
@@ -511,6 +527,8 @@ def collect(exp: Experiment, ctx: Context, records: dict[str, dict[str, Any]], s
                 info["sizes"] = sizes[0]
         else:
             info["horizon"] = panel.get("horizon")
+            info["discretization"] = panel.get("discretization", "explicit")
+            info["x0"] = list(panel.get("x0", (0.0, 0.0)))
         panel_info[pname] = info
     cfg = exp.config
     return {

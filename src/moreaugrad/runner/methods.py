@@ -21,14 +21,23 @@ OPTIMIZERS = ("step", "sgd", "adam")
 SCHEDULES = {"paper": mg.rules.Paper, "geometric": mg.rules.Geometric, "lagrangian": mg.rules.Lagrangian}
 KEYS = {"rule", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "betas", "label", "enabled",
         "gamma", "alpha", "beta", "kappa", "rho", "schedule", "tau", "tau_theta", "cg", "step", "spacing",
-        "tau_max", "batch_mean", "method", "tol", "strict"}
+        "tau_max", "batch_mean", "method", "tol", "strict", "per_output", "beta_gamma"}
 GN_METHODS = ("dp", "dual", "cg")
 SPACINGS = ("constant", "adaptive")
 
 
 def _method(spec: dict[str, Any]) -> Any:
+    """``cg = k`` (``mg.lstsq.CG(k)``) or ``"exact"``; ``per_output = true`` runs one CG per output
+    unit or channel (``CG(k, per_output=True)``, as the reference ProxProp code does for Linear)."""
     cg = spec.get("cg", 3)
-    return mg.lstsq.Exact() if cg == "exact" else mg.lstsq.CG(int(cg))
+    per_output = spec.get("per_output", False)
+    if not isinstance(per_output, bool):
+        raise ValueError(f"method proxprop: per_output must be true or false, got {per_output!r}")
+    if cg == "exact":
+        if per_output:
+            raise ValueError("method proxprop: per_output needs cg = k (an exact solve needs no split)")
+        return mg.lstsq.Exact()
+    return mg.lstsq.CG(int(cg), per_output=True) if per_output else mg.lstsq.CG(int(cg))
 
 
 def _spacing(spec: dict[str, Any]) -> Any:
@@ -45,7 +54,10 @@ def rule(spec: dict[str, Any]) -> Any:
     """The ``mg.rules`` preset a method spec names, with its parameters.
 
     ``augmented_lagrangian`` takes ``gamma`` or ``rho`` with ``gamma = rho * alpha`` (000 App. F.2
-    couples the state step to the weight step this way). ``proxprop`` and ``penalty_backprop`` take
+    couples the state step to the weight step this way), and ``beta`` or ``beta_gamma`` with
+    ``beta = beta_gamma / gamma``: with ``kappa`` small the k-th layer from the top gets a direction
+    scaled by about ``(beta gamma)^(2k)``, so a grid on ``beta_gamma`` near 1 covers the useful part of
+    F.2's ``beta`` grid at a fraction of its cost. ``proxprop`` and ``penalty_backprop`` take
     ``tau = lr`` when ``tau`` is absent (004 Prop. 1: penalty back-propagation is gradient descent with
     step ``tau``).
     """
@@ -75,7 +87,10 @@ def rule(spec: dict[str, Any]) -> Any:
     if name == "augmented_lagrangian":
         alpha = spec.get("alpha", 1.0)
         gamma = spec["rho"] * alpha if "rho" in spec else spec.get("gamma", 1.0)
-        return mg.rules.augmented_lagrangian(spec.get("kappa", 1e-5), spec.get("beta", 1.0), gamma, alpha)
+        if "beta" in spec and "beta_gamma" in spec:
+            raise ValueError("method augmented_lagrangian: give beta or beta_gamma, not both")
+        beta = spec["beta_gamma"] / gamma if "beta_gamma" in spec else spec.get("beta", 1.0)
+        return mg.rules.augmented_lagrangian(spec.get("kappa", 1e-5), beta, gamma, alpha)
     if name in SECOND_ORDER:
         return _second_order(name, spec)
     if name == "target_prop":

@@ -1,7 +1,8 @@
 """Figures, tables and ``summary.md`` from a ``results.json`` alone (so ``moreaugrad plot`` can redraw).
 
 Curves follow 000 Sec. 4: the best value so far, ``y_k = min_{i <= k} F(w^(i))`` (max for accuracies),
-for the grid point each method selects.
+for the grid point each method selects. With several seeds, values are the mean over seeds ``+-`` the
+sample standard deviation, and the figures shade mean +- spread.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import store
+from . import store, verdict
 from .config import fmt_value
+from .seeds import n_seeds
 
 LABELS = {
     "loss": "objective",
@@ -44,6 +46,27 @@ def _fmt(v: Any, digits: int = 4) -> str:
             return "-"
         return f"{v:.{digits}g}"
     return str(v)
+
+
+def _stat(results: dict[str, Any], rec: dict[str, Any], metric: str, digits: int = 4,
+          final: bool = False) -> str:
+    """A record's final best-so-far ``metric`` (or raw final value), ``mean +- spread`` over seeds."""
+    if final:
+        value, spread = rec["final"].get(metric), rec.get("final_spread", {}).get(metric)
+    else:
+        if metric not in rec["best"]:
+            return "-"
+        value, spread = rec["best"][metric][-1], rec.get("spread", {}).get(metric, [None])[-1]
+    text = _fmt(value, digits)
+    if n_seeds(results) > 1 and spread is not None and text != "-":
+        text += f" +- {_fmt(spread, 2)}"
+    return text
+
+
+def _diverged(results: dict[str, Any], tried: list[dict[str, Any]]) -> str:
+    """Diverged runs over runs: grid points (times seeds)."""
+    n = n_seeds(results)
+    return f"{sum(r.get('diverged_seeds', int(r['diverged'])) for r in tried)}/{len(tried) * n}"
 
 
 SETTINGS = ("lr", "momentum", "gamma", "rho", "alpha", "beta", "kappa", "tau_theta", "cg")
@@ -93,22 +116,22 @@ def selection_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     for pname, sel in results["selected"].items():
         for method, jid in sel.items():
             tried = [r for r in results["jobs"] if r["panel"] == pname and r["method"] == method]
-            div = f"{sum(r['diverged'] for r in tried)}/{len(tried)}"
+            div = _diverged(results, tried)
             if jid is None:
                 rows.append([pname, _name(results, method), "all diverged" if tried else "not run", "-", "-",
                              div, "-"])
                 continue
             rec = jobs[jid]
-            acc = rec["best"].get("test_accuracy")
-            rows.append([pname, _name(results, method), _params(rec), _fmt(rec["best"]["loss"][-1]),
-                         _fmt(acc[-1], 3) if acc else "-", div,
+            rows.append([pname, _name(results, method), _params(rec), _stat(results, rec, "loss"),
+                         _stat(results, rec, "test_accuracy", 3), div,
                          f"{sum(r['timings']['wall_s'] for r in tried):.1f}"])
     return header, rows
 
 
 def grid_table(results: dict[str, Any], panel: str) -> tuple[list[str], list[list[str]]] | None:
     """004 Table 1: rows are methods, columns the values of ``table_axis``, cells the final value of
-    ``table_metric`` (raw, not best-so-far); '-' where the run diverged."""
+    ``table_metric`` (raw, not best-so-far); '-' where the run diverged (on every seed; ``- (k/n)``
+    where k of n seeds diverged)."""
     cfg = results["config"]
     axis, metric = cfg.get("table_axis", "lr"), cfg.get("table_metric", "loss")
     recs = [r for r in results["jobs"] if r["panel"] == panel and axis in r["params"]]
@@ -124,9 +147,10 @@ def grid_table(results: dict[str, Any], panel: str) -> tuple[list[str], list[lis
             if not cell:
                 row.append("")
             elif cell[0]["diverged"]:
-                row.append("-")
+                k, n = cell[0].get("diverged_seeds", 1), n_seeds(results)
+                row.append("-" if k == n else f"- ({k}/{n})")
             else:
-                row.append(_fmt(cell[0]["final"].get(metric), 3))
+                row.append(_stat(results, cell[0], metric, 3, final=True))
         rows.append(row)
     return header, rows
 
@@ -142,7 +166,7 @@ def selected_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
         row = [results["panels"][pname]["title"]]
         for m in methods:
             jid = sel.get(m)
-            row += ["-", "-"] if jid is None else [_params(jobs[jid]), _fmt(jobs[jid]["best"]["loss"][-1])]
+            row += ["-", "-"] if jid is None else [_params(jobs[jid]), _stat(results, jobs[jid], "loss")]
         rows.append(row)
     return header, rows
 
@@ -181,13 +205,18 @@ def figures(results: dict[str, Any], out: Path) -> list[str]:
                     rec = jobs[jid]
                     y = rec["best"][metric]
                     x = rec["timings"]["elapsed_s"][:len(y)] if x_axis == "time" else list(range(len(y)))
-                    ax.plot(x, y, label=f"{_name(results, method)} ({_params(rec)})")
+                    line = ax.plot(x, y, label=f"{_name(results, method)} ({_params(rec)})")[0]
+                    spread = rec.get("spread", {}).get(metric)
+                    if spread and n_seeds(results) > 1:
+                        lo = [a - b for a, b in zip(y, spread, strict=False)]
+                        hi = [a + b for a, b in zip(y, spread, strict=False)]
+                        ax.fill_between(x[:len(lo)], lo, hi, color=line.get_color(), alpha=0.2, lw=0)
                 ax.set_title(info["title"], fontsize=10)
                 ax.set_xlabel("training time (s)" if x_axis == "time" else
                               ("iteration" if info["kind"] == "control" else "epoch"))
                 ax.set_ylabel(metric_label(metric, info["kind"]) + " (best so far)")
                 if metric == "loss" or metric.endswith("_loss"):
-                    ys = [v for line in ax.get_lines() for v in line.get_ydata() if v is not None and v > 0]
+                    ys = [v for ln in ax.get_lines() for v in ln.get_ydata() if v is not None and v > 0]
                     if ys and max(ys) / min(ys) > 20:
                         ax.set_yscale("log")
                 ax.grid(alpha=0.3)
@@ -242,11 +271,19 @@ def summary(results: dict[str, Any], pngs: list[str]) -> str:
         lines += [f"Reproduces: {exp['paper']}.", ""]
     if exp.get("claim"):
         lines += [f"Paper's claim: {exp['claim'].strip()}", ""]
-    lines += [f"Scale `{results['scale']}`, seed {results['seed']}, device `{results['device']}`, "
+    n = n_seeds(results)
+    seed_text = (f"seed {results['seed']}" if n == 1 else
+                 f"{n} seeds ({', '.join(str(x) for x in results['seeds'])}; per-seed runs in "
+                 f"{', '.join('`' + d + '/`' for d in results['seed_dirs'])}; values are mean +- sample "
+                 f"standard deviation over seeds, a difference within the spreads is a tie)")
+    lines += verdict.markdown(results)
+    lines += [f"Scale `{results['scale']}`, {seed_text}, device `{results['device']}`, "
               f"moreaugrad {v['moreaugrad']}, torch {v['torch']}, python {v['python']}; "
               f"wall time {results['timings']['wall_s']:.1f} s; status: {results['status']}.", ""]
     lines += [f"Each method's grid point is selected by the {results['select']['by']} value of the "
-              f"best-so-far `{results['select']['metric']}` curve (diverged runs excluded).", ""]
+              f"best-so-far `{results['select']['metric']}` curve"
+              + (" (diverged runs excluded)." if n == 1 else ", mean over seeds (a grid point that "
+                 "diverged on any seed is excluded).") + "", ""]
     lines += ["## Selected runs", "", _md_table(*selection_rows(results)), ""]
     table = cfg.get("table", "none")
     if table == "grid":
@@ -280,6 +317,7 @@ def write(results: dict[str, Any], out: Path) -> list[str]:
 def console(results: dict[str, Any]) -> str:
     """The selected-runs table as plain text, plus the experiment's own table."""
     parts = [results["experiment"]["title"], _plain_table(*selection_rows(results))]
+    parts.append("verdict: " + verdict.verdict(results).line())
     cfg = results["config"]
     if cfg.get("table") == "grid":
         for pname in results["selected"]:
