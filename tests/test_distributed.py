@@ -62,6 +62,10 @@ EXACT = {  # name: (rule, objective)
                                 nn.CrossEntropyLoss(label_smoothing=0.1)),
     "fenchel": lambda: (mg.rules.fenchel(0.5, step=LR), mg.losses.CrossEntropy()),
     "fenchel_sum": lambda: (mg.rules.fenchel(0.5, batch_mean=False, step=LR), mg.losses.SquaredLoss()),
+    "proxprop_cg3": lambda: (mg.rules.proxprop(tau=LR), mg.losses.CrossEntropy()),
+    "proxprop_per_output": lambda: (mg.rules.proxprop(tau=LR, method=mg.lstsq.CG(3, per_output=True)),
+                                    mg.losses.CrossEntropy()),
+    "proxprop_exact": lambda: (mg.rules.proxprop(tau=LR, method=mg.lstsq.Exact()), mg.losses.CrossEntropy()),
 }
 LOCAL = {
     "backprop": lambda: mg.rules.backprop(step=LR),
@@ -72,7 +76,6 @@ LOCAL = {
     "augmented_lagrangian": lambda: mg.rules.augmented_lagrangian(alpha=LR),
 }
 COUPLED = {  # exact mode refuses these: (rule, model)
-    "proxprop": lambda: (mg.rules.proxprop(), _model()),
     "augmented_lagrangian": lambda: (mg.rules.augmented_lagrangian(), _model()),
     "moreau_grouped": lambda: (mg.rules.moreau(), _model(grouped=True)),
     "backprop_batchnorm": lambda: (mg.rules.backprop(), _model(batchnorm=True)),
@@ -287,17 +290,22 @@ def test_local_equals_the_average_of_the_shard_oracles(exact_group, name, how):
 def test_one_all_reduce_per_step_except_scaled_exact(exact_group):
     """The cost in collectives: one all-gather of the fingerprints at construction; per step, one
     all-reduce of all directions (one dtype here), plus the batch size's for the Moreau rules in
-    ``exact`` mode."""
+    ``exact`` mode; ProxProp in ``exact`` mode (the "reduced" plan) sums inside the sweep: the batch
+    size, one per proximal stage (its Gram matrix and right-hand side together), one for the explicit
+    last stage's vjp, and the loss."""
     out = exact_group[0]
+    per_step = {"weighted": 1, "scaled": 2, "reduced": 1 + 2 + 1 + 1, "local": 1}
     for key, value in out.items():
         counts = value[-1]
-        scaled = key[0] == "exact" and value[2] == "scaled"
+        plan = value[2] if key[0] == "exact" else "local"
         assert counts["all_gather_object"] == 1, (key, counts)
-        assert counts["all_reduce"] == STEPS * (2 if scaled else 1), (key, counts)
+        assert counts["all_reduce"] == STEPS * per_step[plan], (key, counts)
         assert sum(counts.values()) == counts["all_gather_object"] + counts["all_reduce"]
     plans = {key[1]: value[2] for key, value in out.items() if key[0] == "exact"}
     assert plans == {"backprop": "weighted", "moreau": "scaled", "moreau_ce": "scaled",
-                     "moreau_torch_ce": "scaled", "fenchel": "weighted", "fenchel_sum": "scaled"}
+                     "moreau_torch_ce": "scaled", "fenchel": "weighted", "fenchel_sum": "scaled",
+                     "proxprop_cg3": "reduced", "proxprop_per_output": "reduced",
+                     "proxprop_exact": "reduced"}
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +324,7 @@ def test_a_rank_with_another_rule_or_model_fails_on_every_rank(refuse_group, wha
 
 @pytest.mark.parametrize("name", list(COUPLED))
 def test_exact_refuses_rules_that_couple_samples(refuse_group, name):
-    names = {"proxprop": "Proximal", "augmented_lagrangian": "augmented", "moreau_grouped": "Moreau",
+    names = {"augmented_lagrangian": "augmented", "moreau_grouped": "Moreau",
              "backprop_batchnorm": "batch norm"}
     for out in refuse_group:
         kind, message = out[("coupled", name)]

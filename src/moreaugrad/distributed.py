@@ -26,10 +26,16 @@ Two modes:
     signal equals the global one restricted to the shard; ``d = sum_r d_r``. ``B`` is all-reduced
     before the sweep (a second collective).
 
-  Rules that couple samples inside an inner solve (ProxProp's Gram systems and CG, the augmented
-  Lagrangian and target-propagation fits, generic Moreau weight solves of grouped stages) and
-  train-mode batch norm raise ``NotImplementedError`` in ``exact`` mode: they need all-reduces inside
-  their inner iterations, which this module does not do yet. Use ``mode="local"`` for them.
+  - *reduced* (ProxProp, whose weight problems couple the samples): the objective is read as in
+    *scaled*, and every sum over samples of a weight line is summed over the shards inside the sweep
+    (``Site.batch_sum``): the vjps' weight parts, and each proximal stage's Gram matrix and right-hand
+    side together (then every rank runs the same closed form or CG on them). The directions come out
+    global on every rank, and only the loss is reduced after the sweep.
+
+  Rules that couple samples inside other inner solves (the augmented Lagrangian and
+  target-propagation fits, generic Moreau weight solves of grouped stages) and train-mode batch norm
+  raise ``NotImplementedError`` in ``exact`` mode: they need sums inside their solvers' iterations,
+  which this module does not do yet. Use ``mode="local"`` for them.
 
 At construction (and whenever the chain's stages change) the ranks compare a fingerprint of the
 rule, the objective, the stages (types, train/eval mode), the parameter shapes and dtypes and the
@@ -64,6 +70,7 @@ from .rules.fenchel import activation_state as _fenchel_activation
 from .rules.fenchel import affine_state as _fenchel_affine
 from .rules.grad import Grad, grad_state, grad_weight
 from .rules.moreau import Moreau, Schedule, activation_state, linear_state, linear_weight, max_pool_state
+from .rules.target import Proximal
 from .types import Dual, Signal, SolveInfo
 
 __all__ = ["MODES", "FingerprintError", "Oracle", "batches", "shard"]
@@ -146,7 +153,9 @@ def _exact_plan(rule: Rule, objective: Any, stages: Sequence[Any], regularizers:
                 f"supported yet); call .eval() on it or use mode='local'")
         if stage.has_weights:
             w = rule.weight_for(probe)
-            if _entry(w, "weight", probe) not in _SUM_WEIGHT:
+            if isinstance(w, Proximal):  # ProxProp: its Gram systems and CG products are summed in-sweep
+                needs.add("reduced")
+            elif _entry(w, "weight", probe) not in _SUM_WEIGHT:
                 raise _coupled(w, probe, "weight", "solves a problem over the weights that sums over "
                                                    "all samples (not a vjp)")
         if t == 0:  # the input's signal is not used by the weights
@@ -175,6 +184,8 @@ def _exact_plan(rule: Rule, objective: Any, stages: Sequence[Any], regularizers:
             f"mg.distributed.Oracle(mode='exact'): the objective rule {type(obj).__name__} on the "
             f"output of stage {tau} (a target solve) is not known to separate over ranks; use "
             f"mode='local'")
+    if "reduced" in needs and "weighted" not in needs:
+        return "reduced"  # the signals carry the global batch size, as for "scaled"
     if len(needs) > 1:
         raise NotImplementedError(
             "mg.distributed.Oracle(mode='exact'): this rule mixes a Moreau line (exact when each "
@@ -281,7 +292,9 @@ class Oracle(_oracle.Oracle):
     batch mean; in ``local`` mode the average of the ranks' means.
 
     Collectives per call: ``local`` one ``all_reduce`` per (dtype, device) of the directions;
-    ``exact`` the same, plus one ``all_reduce`` of the batch size before the sweep for Moreau rules.
+    ``exact`` the same, plus one ``all_reduce`` of the batch size before the sweep for Moreau rules;
+    ProxProp in ``exact`` mode: the batch size, one per proximal stage, one per vjp of a weight
+    stage it takes explicitly (the last), and the loss.
     """
 
     def __init__(self, chain: Chain | nn.Sequential, objective: Callable[[Tensor, Any], Tensor],
@@ -338,12 +351,14 @@ class Oracle(_oracle.Oracle):
                 f"mg.distributed.Oracle(mode='exact'): nn.CrossEntropyLoss averages over the labels "
                 f"that are not ignore_index={h.ignore_index}, a count over the global batch; use "
                 f"mode='local'")
-        if self._plan == "scaled":
+        if self._plan in ("scaled", "reduced"):
             total = torch.tensor([float(n)], dtype=torch.float64, device=self._device())
             dist.all_reduce(total, group=group)
             self.rule.objective.k = n / float(total)
+            self._batch_sum = self._sum_shards if self._plan == "reduced" else None
             result = super()._call(x, y)
-            return self._reduce(result, weight=1.0, loss_weight=n / float(total), divide=False)
+            return self._reduce(result, weight=1.0, loss_weight=n / float(total), divide=False,
+                                directions=self._plan == "scaled")
         result = super()._call(x, y)
         weight = float(n) if self._plan == "weighted" else 1.0
         return self._reduce(result, weight=weight, loss_weight=weight, divide=True)
@@ -355,11 +370,23 @@ class Oracle(_oracle.Oracle):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu") if ref is None else ref.device
 
+    def _sum_shards(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The sums over every shard's samples of per-shard sums (``Site.batch_sum``): one
+        all-reduce for the list."""
+        if not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=self.group)
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors,
+                                                   strict=True)]
+
     def _reduce(self, result: _oracle.OracleResult, weight: float, loss_weight: float,
-                divide: bool) -> _oracle.OracleResult:
+                divide: bool, directions: bool = True) -> _oracle.OracleResult:
         """``d = sum_r a_r d_r`` (divided by ``sum_r a_r`` when ``divide``) in one all-reduce per
-        (dtype, device) bucket; the loss and the weights ride in the loss's bucket."""
-        flat = [(t, name, d) for t, ds in enumerate(result.directions) if ds for name, d in ds.items()]
+        (dtype, device) bucket; the loss and the weights ride in the loss's bucket. With
+        ``directions=False`` (already summed over the shards in the sweep) only the loss."""
+        flat = [(t, name, d) for t, ds in enumerate(result.directions) if ds for name, d in ds.items()] \
+            if directions else []
         loss = result.loss
         buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
         for _, _, d in flat:
@@ -383,6 +410,8 @@ class Oracle(_oracle.Oracle):
             reduced[k] = list(buf.split([d.numel() for d in ds]))
         if divide and total != 1.0:
             reduced = {k: [b / total for b in bs] for k, bs in reduced.items()}
+        if not directions:
+            return dataclasses.replace(result, loss=loss_out.detach())
         it = {k: iter(bs) for k, bs in reduced.items()}
         directions: list[dict[str, Tensor] | None] = [None if ds is None else {} for ds in result.directions]
         for t, name, d in flat:

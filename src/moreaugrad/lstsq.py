@@ -310,19 +310,33 @@ def _rows(site: Any) -> _Rows | None:
 
 
 def _ridge_rows(rows: _Rows, r: Tensor, kappa: float, c: float, extra: Tensor | None = None,
-                rcond: float = 0.0) -> Tensor:
+                rcond: float = 0.0, batch_sum: Any = None) -> Tensor:
     """``(R^T A~ + extra) (kappa A~^T A~ + c I)^{-1}`` for the rows ``R`` of ``r``: one symmetric
     solve of size ``k~`` (004 eq. 44), or of size ``N`` when the batch is the smaller side of a
     ``Linear`` layer and there is no ``extra``, by the push-through identity
-    ``A~ (kappa A~^T A~ + c I)^{-1} = (kappa A~ A~^T + c I)^{-1} A~``."""
+    ``A~ (kappa A~^T A~ + c I)^{-1} = (kappa A~ A~^T + c I)^{-1} A~``. With ``batch_sum`` (a
+    data-parallel batch) the Gram matrix and ``R^T A~`` are summed over the shards, in one call."""
     n, k = rows.n, rows.k
     if c == 0 and extra is None:  # truncated least squares: pinv(A~), not pinv(A~^T A~) (cond^2)
+        if batch_sum is not None:
+            raise NotImplementedError(
+                "lstsq: plain least squares (c = 0, target propagation's fits) is solved by the "
+                "pseudo-inverse of the rows, which a data-parallel batch does not hold on one rank")
         return (torch.linalg.pinv(rows.matrix(), rtol=rcond) @ rows.rows(r)).T / kappa
     eye = functools.partial(torch.eye, dtype=rows.x.dtype, device=rows.x.device)
-    if c > 0 and n < k and extra is None and not rows.conv:
+    if c > 0 and n < k and extra is None and not rows.conv and batch_sum is None:
         return rows.times(_sym_solve(kappa * rows.outer() + c * eye(n), rows.rows(r), c).T)
-    rhs = rows.rta(r) if extra is None else rows.rta(r) + extra
-    return _sym_solve(kappa * rows.gram() + c * eye(k), rhs.T, c).T
+    G, rhs = _gram_and_rhs(rows, r, batch_sum)
+    rhs = rhs if extra is None else rhs + extra
+    return _sym_solve(kappa * G + c * eye(k), rhs.T, c).T
+
+
+def _gram_and_rhs(rows: _Rows, r: Tensor, batch_sum: Any) -> tuple[Tensor, Tensor]:
+    """``(A~^T A~, R^T A~)``, summed over the shards of a data-parallel batch in one call."""
+    G, rhs = rows.gram(), rows.rta(r)
+    if batch_sum is not None:
+        G, rhs = batch_sum([G, rhs])
+    return G, rhs
 
 
 def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
@@ -335,7 +349,7 @@ def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
 
 
 def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: float,
-             extra: Tensor | None = None, groups: int = 1) -> tuple[Tensor, SolveInfo]:
+             extra: Tensor | None = None, groups: int = 1, batch_sum: Any = None) -> tuple[Tensor, SolveInfo]:
     """CG on ``V (kappa A~^T A~ + c I) = R^T A~ + extra`` over weights ``V`` (``out x k~``), one CG
     for all of ``V`` (``groups = 1``) or one per output row (``groups = out``, :class:`CG`'s
     ``per_output``).
@@ -348,8 +362,14 @@ def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: fl
     of ``A~`` (the right-hand side does, and the operator keeps it there) and CG runs on
     coefficients ``Z`` with ``V = Z A~`` instead: the operator is ``Z -> Z (kappa S + c I)`` and the
     inner product ``<Z1 S, Z2>``, with ``S = A~ A~^T`` (``N x N``). Same iterates, and one
-    ``out x N x N`` product per step (``cg``'s ``metric``).
+    ``out x N x N`` product per step (``cg``'s ``metric``). With ``batch_sum`` (a data-parallel
+    batch) the Gram form is summed over the shards once and every rank runs the same CG.
     """
+    if batch_sum is not None:  # one sum over the shards, then the same CG on every rank
+        G, rhs = _gram_and_rhs(rows, r, batch_sum)
+        rhs = rhs if extra is None else rhs + extra
+        (d,), info = cg(lambda v: [kappa * (v[0] @ G) + c * v[0]], [rhs], steps, groups, tol)
+        return d, info
     if rows.n < rows.k and extra is None and not rows.conv:
         S = rows.outer()
         (z,), info = cg(lambda p, pS: [kappa * pS[0] + c * p[0]], [rows.rows(r).T], steps, groups, tol,
@@ -380,11 +400,11 @@ def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
         extra = mu * rows.stack(w_now) if mu else None
         r = r if s == 1 else s * r
         if isinstance(method, Exact):
-            d = _ridge_rows(rows, r, kappa, c + mu, extra, method.rcond)
+            d = _ridge_rows(rows, r, kappa, c + mu, extra, method.rcond, site.batch_sum)
             info = SolveInfo("closed form: Gram solve")
         else:
             groups = rows.weight_shape[0] if method.per_output else 1
-            d, info = _cg_rows(rows, r, kappa, c + mu, steps, tol, extra, groups)
+            d, info = _cg_rows(rows, r, kappa, c + mu, steps, tol, extra, groups, site.batch_sum)
         return rows.weights(-d), info
     names = list(site.w)
     g = jtr if jtr is not None else site.vjp(r)[1]  # J_w^T r, exact on the recorded graph

@@ -79,6 +79,8 @@ class Oracle:
         self._warned_inexact = False
         self._checked: tuple | None = None
         self._connect: tuple[tuple, list[bool]] | None = None
+        # A data-parallel exact oracle (mg.distributed) sums over every shard's samples through it.
+        self._batch_sum: Callable[[list[Tensor]], list[Tensor]] | None = None
         self.rule = backprop() if rule is None else rule
         if not isinstance(self.rule, Rule):
             raise TypeError(f"Oracle: rule must be a moreaugrad.rules.Rule (e.g. "
@@ -171,11 +173,12 @@ class Oracle:
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext(), \
                 torch.inference_mode(False), torch.enable_grad():
             tape = record(self.chain, x, self._regularizers(), input_signal=x.requires_grad,
-                          compute=compute, connect=self._fusable())
-            out = sweep(tape, self.rule, self.objective, y)
+                          compute=compute, connect=self._fusable(), batch_sum=self._batch_sum)
+            finish = hasattr(self.rule, "finish")
+            out = sweep(tape, self.rule, self.objective, y, release=not finish)
             # Hook: a rule whose step needs a pass after the sweep (the forward roll-out of a
             # second-order step, 003 Algo 4) has finish(tape, result) -> result with its directions.
-            if hasattr(self.rule, "finish"):
+            if finish:
                 out = self.rule.finish(tape, out)
         loss = out.loss
         for site in tape.sites:

@@ -48,6 +48,9 @@ class Site:
         regularizer: ``r_t``, or None.
         last_weighted: no later stage has weights (ProxProp keeps this stage explicit, 004 eq. 12).
         rng: the random-number state before the forward pass of a stochastic stage, else None.
+        batch_sum: a sum over the samples of every shard of a data-parallel batch (one all-reduce
+            for a list of tensors, :mod:`moreaugrad.distributed`), applied to the weight parts of
+            vjps and to the sums over samples inside weight solves; None in one process.
         attached: ``x_prev`` is the previous site's ``x`` itself, not a detached copy: the two
             stages' graphs are one, so a fused segment takes their vjps in one autograd call.
             Once the sweep has taken it, the states inside the segment are released
@@ -62,6 +65,7 @@ class Site:
     regularizer: Regularizer | None = None
     last_weighted: bool = False
     rng: tuple[Tensor, Tensor | None] | None = None
+    batch_sum: Callable[[list[Tensor]], list[Tensor]] | None = None
     attached: bool = False
     _cache: tuple[Tensor, Any] | None = field(default=None, repr=False)
 
@@ -151,6 +155,8 @@ class Site:
             grads = torch.autograd.grad(self.x, inputs, lam, retain_graph=True, allow_unused=True)
             dx = grads[0] if self.needs_state else None
             dws = (grads[1:] if self.needs_state else grads) if want_w else None
+            if dws is not None and self.batch_sum is not None:
+                dws = _summed(self.batch_sum, [dws])[0]
             self._cache = (lam, (dx, dws))
         if dx is None and self.needs_state:
             dx = torch.zeros_like(self.x_prev)
@@ -170,7 +176,8 @@ class Tape:
 
 def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | None = None,
            input_signal: bool = False, compute: torch.dtype | None = None,
-           connect: list[bool] | None = None) -> Tape:
+           connect: list[bool] | None = None,
+           batch_sum: Callable[[list[Tensor]], list[Tensor]] | None = None) -> Tape:
     """Run the forward pass once, recording each stage's local graph (000 Algo 1, 001 Algo 1).
 
     Buffers (BatchNorm running statistics) are updated here, once, and nowhere else. With
@@ -178,6 +185,7 @@ def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | Non
     on copies of the weights, so that every rule and inner solve of the sweep runs in it. Where
     ``connect[t]`` is true, stage ``t`` takes stage ``t - 1``'s output itself as its input
     (:attr:`Site.attached`): the sweep may then fuse their vjps (:func:`fused_vjp`).
+    ``batch_sum`` becomes every site's :attr:`Site.batch_sum` (a data-parallel exact oracle).
     """
     if compute is not None and x.is_floating_point():
         x = x.to(compute)
@@ -193,7 +201,8 @@ def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | Non
         except RuntimeError as err:
             raise ValueError(f"stage {t + 1}/{tau} ({stage.module!r}) failed on an input of shape "
                              f"{tuple(x_prev.shape)} and dtype {x_prev.dtype}: {err}") from err
-        sites.append(Site(stage, x_prev, out, w, tau, regs[t], rng=rng, attached=attached))
+        sites.append(Site(stage, x_prev, out, w, tau, regs[t], rng=rng, batch_sum=batch_sum,
+                          attached=attached))
         x = out
     weighted_after = False
     for site in reversed(sites):
@@ -225,9 +234,19 @@ def fused_vjp(sites: list[Site], lam: Tensor) -> tuple[Tensor | None, list[tuple
         s.__dict__["unused"] = frozenset(n for (n, w), g in zip(s.w.items(), dw, strict=True)
                                          if g is None and w.grad_fn is None)
         dws.append(dw)
+    if bottom.batch_sum is not None:
+        dws = _summed(bottom.batch_sum, dws)
     if dx is None and bottom.needs_state:
         dx = torch.zeros_like(bottom.x_prev)
     return dx, dws
+
+
+def _summed(batch_sum: Callable[[list[Tensor]], list[Tensor]],
+            groups: list[tuple[Tensor | None, ...]]) -> list[tuple[Tensor | None, ...]]:
+    """``batch_sum`` of every tensor in ``groups`` (None entries stay None), in one call."""
+    flat = batch_sum([g for group in groups for g in group if g is not None])
+    it = iter(flat)
+    return [tuple(None if g is None else next(it) for g in group) for group in groups]
 
 
 def _release_interior(segment: list[Site]) -> None:
@@ -272,7 +291,8 @@ class SweepResult:
     info: list[StageInfo]
 
 
-def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> SweepResult:
+def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any,
+          release: bool = False) -> SweepResult:
     """The backward sweep of DESIGN section 2.
 
     ``signal_tau = objective(h, x_tau)``; then for ``t = tau..1``:
@@ -286,6 +306,11 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
     segment: one autograd call gives its weight parts and the signal below it
     (:func:`fused_vjp`), the weight rule's ``fused`` makes the updates, and the signals inside the
     segment are None: never formed, as ``loss.backward()`` does not form them.
+
+    With ``release`` (the oracle, unless its rule reads the tape afterwards) each site lets go of
+    its output, its graph and its vjp cache once both its lines ran, as ``loss.backward()`` frees
+    what it has used, and only the last signal is kept (``signal_0`` when the input is a variable):
+    the sweep's memory is then one signal and the activations not yet swept.
     """
     tau = len(tape.sites)
     loss, signal, objective_info = rule.objective.objective(h, tape.output, target, tau)
@@ -308,6 +333,8 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
                     directions[s.stage.index] = _without_unused(s, update)
                     info[s.stage.index].weight = update.info
             signals += [None] * (len(segment) - 1)
+            if release:
+                segment[0].x = None  # type: ignore[assignment]
             site, t = segment[-1], segment[-1].stage.index
             if site.needs_state:
                 signal = Dual(dx)
@@ -323,7 +350,12 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any) -> Swee
         if site.needs_state:
             _check_signal(signal, site.x_prev, lambda t=t, site=site: (
                 f"entering {tape.sites[t - 1].label}" if t > 0 else f"at the input (from {site.label})"))
-            signals.append(signal)
+            signals = [signal] if release else signals + [signal]
+        if release:  # done with this site: its output, graph and cached vjp (x_prev of the first stays)
+            site._cache = None
+            site.x = None  # type: ignore[assignment]
+            if t > 0:
+                site.x_prev = None  # type: ignore[assignment]
         t -= 1
     signals.reverse()
     return SweepResult(loss, directions, signals, info)
