@@ -352,15 +352,17 @@ def max_pool_increment(x: Tensor, c: Tensor, kernel: tuple[int, ...]) -> tuple[T
         v = v.reshape(*v.shape[:-2], kernel[0] * kernel[1])  # (..., Ho, Wo, m)
     top, arg = v.max(-1, keepdim=True)
     d = v - top  # <= 0, exactly 0 at the maximum
+    del v
     cj = c.unsqueeze(-1)
     ds = d.sort(-1, descending=True).values
     k = torch.arange(1, ds.shape[-1] + 1, dtype=x.dtype, device=x.device)
-    level = (ds.cumsum(-1) - cj) / k  # s_k - max, for the k largest entries
-    count = (ds > level).sum(-1, keepdim=True).clamp_min(1)
+    level = ds.cumsum(-1).sub_(cj).div_(k)  # s_k - max, for the k largest entries
+    count = (ds > level).sum(-1, keepdim=True).clamp_min_(1)
     level = level.gather(-1, count - 1)
-    down = -(d - level).clamp_min(0)
-    up = torch.zeros_like(d).scatter_(-1, arg, -cj)
-    y = torch.where(cj >= 0, down, up)
+    del ds
+    y = d.sub_(level).clamp_min_(0).neg_()  # c >= 0: the largest entries down to the level
+    # c < 0: only the maximum moves, up by |c| (the window's other entries stay)
+    y.masked_fill_(cj < 0, 0).scatter_add_(-1, arg, (-cj).clamp_min(0))
     if n == 1:
         y = y.reshape(xs.shape)
     else:
