@@ -258,8 +258,9 @@ class ReLUProx(Increment):
     fn: Callable[[Tensor], Tensor] = torch.relu
 
     def increment(self, x: Tensor, c: Tensor) -> tuple[Tensor, SolveInfo]:
-        env = torch.where(c >= 0, torch.minimum(x.clamp_min(0), c), torch.where(x > c / 2, c, 0.0))
-        return -env, SolveInfo("closed form: piecewise linear")
+        # A where with a Python scalar runs several times slower than a product on CPU: c [x > c/2].
+        env = torch.where(c >= 0, torch.minimum(x.clamp_min(0), c), c * (x > c * 0.5))
+        return env.neg_(), SolveInfo("closed form: piecewise linear")
 
 
 RELU = ReLUProx()
