@@ -26,14 +26,17 @@ Two modes:
     signal equals the global one restricted to the shard; ``d = sum_r d_r``. ``B`` is all-reduced
     before the sweep (a second collective).
 
-  - *reduced* (ProxProp, whose weight problems couple the samples): the objective is read as in
-    *scaled*, and every sum over samples of a weight line is summed over the shards inside the sweep
-    (``Site.batch_sum``): the vjps' weight parts, and each proximal stage's Gram matrix and right-hand
-    side together (then every rank runs the same closed form or CG on them). The directions come out
-    global on every rank, and only the loss is reduced after the sweep.
+  - *reduced* (ProxProp, and Moreau's weight solves on grouped stages, whose weight problems couple
+    the samples): the objective is read as in *scaled*, and every sum over samples of a weight line
+    is summed over the shards inside the sweep (``Site.batch_sum``): the vjps' weight parts, each
+    proximal stage's Gram matrix and right-hand side together (then every rank runs the same closed
+    form or CG on them), and every value of a Moreau weight problem's data term and its gradient
+    (``Site.summed``, ``Site.replicated``: every rank's solver sees the global problem and takes the
+    same steps). The directions come out global on every rank, and only the loss is reduced after
+    the sweep.
 
   Rules that couple samples inside other inner solves (the augmented Lagrangian and
-  target-propagation fits, generic Moreau weight solves of grouped stages) and train-mode batch norm
+  target-propagation fits) and train-mode batch norm
   raise ``NotImplementedError`` in ``exact`` mode: they need sums inside their solvers' iterations,
   which this module does not do yet. Use ``mode="local"`` for them.
 
@@ -69,7 +72,16 @@ from .rules import Rule
 from .rules.fenchel import activation_state as _fenchel_activation
 from .rules.fenchel import affine_state as _fenchel_affine
 from .rules.grad import Grad, grad_state, grad_weight
-from .rules.moreau import Moreau, Schedule, activation_state, linear_state, linear_weight, max_pool_state
+from .rules.moreau import (
+    Moreau,
+    Schedule,
+    activation_state,
+    generic_state,
+    generic_weight,
+    linear_state,
+    linear_weight,
+    max_pool_state,
+)
 from .rules.target import Proximal
 from .types import Dual, Signal, SolveInfo
 
@@ -87,7 +99,7 @@ class FingerprintError(RuntimeError):
 # State entries linear in the incoming signal (vjps): any scaling of the signal passes through.
 _LINEAR_STATE = {grad_state, linear_state, _fenchel_affine}
 # Per-sample state entries that are not linear in the signal (closed forms of separable problems).
-_PER_SAMPLE_STATE = {activation_state, max_pool_state}
+_PER_SAMPLE_STATE = {activation_state, max_pool_state, generic_state}
 # Weight entries that are sums over samples of per-sample vjps (without a regulariser).
 _SUM_WEIGHT = {grad_weight, linear_weight}
 _MEAN_LOSSES = (CrossEntropy, SquaredLoss, nn.MSELoss, nn.CrossEntropyLoss)
@@ -153,7 +165,8 @@ def _exact_plan(rule: Rule, objective: Any, stages: Sequence[Any], regularizers:
                 f"supported yet); call .eval() on it or use mode='local'")
         if stage.has_weights:
             w = rule.weight_for(probe)
-            if isinstance(w, Proximal):  # ProxProp: its Gram systems and CG products are summed in-sweep
+            if isinstance(w, Proximal) or _entry(w, "weight", probe) is generic_weight:
+                # ProxProp's Gram systems, Moreau's weight solves: summed over the shards in-sweep
                 needs.add("reduced")
             elif _entry(w, "weight", probe) not in _SUM_WEIGHT:
                 raise _coupled(w, probe, "weight", "solves a problem over the weights that sums over "

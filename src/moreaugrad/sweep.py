@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from .rules import Rule
 
 
+BatchSum = Callable[[list[Tensor]], list[Tensor]]  # sums over every shard of a data-parallel batch
+
+
 class NonFiniteError(FloatingPointError):
     """A loss, signal or direction that is NaN or infinite; it is reported, never used.
 
@@ -135,6 +138,21 @@ class Site:
             _set_rng(self.rng, self.x.device)
             return self.stage(w, x)
 
+    def summed(self, values: list[Tensor]) -> list[Tensor]:
+        """``values`` (sums over this shard's samples) summed over every shard of a data-parallel
+        batch (:attr:`batch_sum`), differentiably: gradients pass through unchanged. In one
+        process, ``values`` themselves."""
+        if self.batch_sum is None:
+            return values
+        return list(_SumOverShards.apply(self.batch_sum, *values))
+
+    def replicated(self, z: list[Tensor]) -> list[Tensor]:
+        """``z``, a variable every shard holds the same copy of: its gradient (from terms that
+        :meth:`summed` adds over the shards) is summed over the shards. In one process, ``z``."""
+        if self.batch_sum is None:
+            return z
+        return list(_Replicated.apply(self.batch_sum, *z))
+
     def vjp(self, lam: Tensor, weights: bool = True) -> tuple[Tensor | None, Weights]:
         """``(d_x phi_t^T lam, d_w phi_t^T lam)`` on the recorded graph.
 
@@ -164,6 +182,32 @@ class Site:
             return dx, {}
         return dx, {n: torch.zeros_like(p) if g is None else g
                     for (n, p), g in zip(self.w.items(), dws, strict=True)}
+
+
+class _SumOverShards(torch.autograd.Function):
+    """Forward: the sum over the shards (``batch_sum``); backward: the identity (each shard's
+    term gets the gradient of the total)."""
+
+    @staticmethod
+    def forward(ctx: Any, batch_sum: BatchSum, *ts: Tensor) -> tuple[Tensor, ...]:
+        return tuple(batch_sum([t.detach() for t in ts]))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
+        return (None, *grads)
+
+
+class _Replicated(torch.autograd.Function):
+    """Forward: the identity; backward: the gradient summed over the shards (``batch_sum``)."""
+
+    @staticmethod
+    def forward(ctx: Any, batch_sum: BatchSum, *ts: Tensor) -> tuple[Tensor, ...]:
+        ctx.batch_sum = batch_sum
+        return tuple(t.view_as(t) for t in ts)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
+        return (None, *ctx.batch_sum(list(grads)))
 
 
 @dataclass

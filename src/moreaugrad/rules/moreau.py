@@ -242,9 +242,10 @@ def generic_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
     x_t = site.x.detach()
 
     def fun(z: list[Tensor]) -> Tensor:
-        # Relative to the value at z = 0, so that values resolve a small move.
-        v = [wi + zi for wi, zi in zip(w, z, strict=True)]
-        val = alpha * gdot([lam], [site.phi(dict(zip(names, v, strict=True))) - x_t], 1)
+        # Relative to the value at z = 0, so that values resolve a small move. The data term sums
+        # over the samples (of every shard, for a data-parallel exact oracle); the proximal term not.
+        v = [wi + zi for wi, zi in zip(w, site.replicated(z), strict=True)]
+        (val,) = site.summed([alpha * gdot([lam], [site.phi(dict(zip(names, v, strict=True))) - x_t], 1)])
         if reg is not None:
             val = val + alpha * sum(reg(vi) - reg(wi) for vi, wi in zip(v, w, strict=True))
         return val + 0.5 * gdot(z, z, 1)
