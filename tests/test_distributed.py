@@ -68,8 +68,18 @@ EXACT = {  # name: (rule, objective)
     "proxprop_exact": lambda: (mg.rules.proxprop(tau=LR, method=mg.lstsq.Exact()), mg.losses.CrossEntropy()),
     # Linear+ReLU as one stage: quasi-Newton weight solves whose values and gradients sum over shards
     "moreau_grouped": lambda: (mg.rules.moreau(gamma=1.0, alpha=LR), mg.losses.SquaredLoss()),
+    # the augmented Lagrangian: a target objective read at the global B, row solves and per-sample states
+    "augmented_lagrangian": lambda: (mg.rules.augmented_lagrangian(alpha=LR), mg.losses.CrossEntropy()),
+    # kappa = 1: with the default 1e-5 this L-BFGS weight solve stops on its cap in one process too
+    "augmented_lagrangian_grouped": lambda: (mg.rules.augmented_lagrangian(kappa=1.0, alpha=LR),
+                                             mg.losses.SquaredLoss()),
 }
-GROUPED = {"moreau_grouped"}  # EXACT entries run on the grouped model
+GROUPED = {"moreau_grouped", "augmented_lagrangian_grouped"}  # EXACT entries run on the grouped model
+# The augmented Lagrangian's Tanh state is solved per sample by L-BFGS to a relative tolerance of
+# 1e-10, in a loop that runs until every sample of the batch has converged: a shard of 3 samples
+# stops after other iterations than the batch of 10, within that tolerance (measured: 1e-10 in the
+# first step's directions, 1.6e-10 in the parameters after 3 steps).
+TOL = {"augmented_lagrangian": 1e-9, "augmented_lagrangian_grouped": 1e-9}
 LOCAL = {
     "backprop": lambda: mg.rules.backprop(step=LR),
     "moreau": lambda: mg.rules.moreau(gamma=1.0, alpha=LR),
@@ -79,7 +89,7 @@ LOCAL = {
     "augmented_lagrangian": lambda: mg.rules.augmented_lagrangian(alpha=LR),
 }
 COUPLED = {  # exact mode refuses these: (rule, model)
-    "augmented_lagrangian": lambda: (mg.rules.augmented_lagrangian(), _model()),
+    "target_prop": lambda: (mg.rules.target_prop(), _model()),
     "backprop_batchnorm": lambda: (mg.rules.backprop(), _model(batchnorm=True)),
 }
 
@@ -265,8 +275,8 @@ def test_exact_equals_one_process_on_the_global_batch(exact_group, name, split, 
     ref, ref_losses = _train(lambda m: mg.Oracle(m, h, rule), how, _batches(), grouped=name in GROUPED)
     for rank, out in enumerate(exact_group):
         params, losses, _, _ = out[("exact", name, split, how)]
-        assert _close(params, ref) < 1e-10, (rank, _close(params, ref))
-        assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) < 1e-12
+        assert _close(params, ref) < TOL.get(name, 1e-10), (rank, _close(params, ref))
+        assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) < TOL.get(name, 1e-12)
         assert ref_losses[-1] != ref_losses[0]  # the steps moved the model
 
 
@@ -300,9 +310,9 @@ def test_one_all_reduce_per_step_except_scaled_exact(exact_group):
     for key, value in out.items():
         counts = value[-1]
         plan = value[2] if key[0] == "exact" else "local"
-        if key[1] in GROUPED and key[0] == "exact":
-            # one all-reduce per evaluation of the weight problem's value and of its gradient
-            # (the line search decides how many), besides the vjps, the batch size and the loss
+        if key[0] == "exact" and not key[1].startswith("proxprop") and plan == "reduced":
+            # one all-reduce per row solve, or per evaluation of a weight problem's value and of
+            # its gradient (the line search decides how many), and the batch size and the loss
             assert counts["all_reduce"] > STEPS * 4, (key, counts)
             continue
         assert counts["all_gather_object"] == 1, (key, counts)
@@ -312,7 +322,8 @@ def test_one_all_reduce_per_step_except_scaled_exact(exact_group):
     assert plans == {"backprop": "weighted", "moreau": "scaled", "moreau_ce": "scaled",
                      "moreau_torch_ce": "scaled", "fenchel": "weighted", "fenchel_sum": "scaled",
                      "proxprop_cg3": "reduced", "proxprop_per_output": "reduced",
-                     "proxprop_exact": "reduced", "moreau_grouped": "reduced"}
+                     "proxprop_exact": "reduced", "moreau_grouped": "reduced",
+                     "augmented_lagrangian": "reduced", "augmented_lagrangian_grouped": "reduced"}
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +342,7 @@ def test_a_rank_with_another_rule_or_model_fails_on_every_rank(refuse_group, wha
 
 @pytest.mark.parametrize("name", list(COUPLED))
 def test_exact_refuses_rules_that_couple_samples(refuse_group, name):
-    names = {"augmented_lagrangian": "augmented",
+    names = {"target_prop": "least squares",
              "backprop_batchnorm": "batch norm"}
     for out in refuse_group:
         kind, message = out[("coupled", name)]

@@ -26,8 +26,9 @@ Two modes:
     signal equals the global one restricted to the shard; ``d = sum_r d_r``. ``B`` is all-reduced
     before the sweep (a second collective).
 
-  - *reduced* (ProxProp, and Moreau's weight solves on grouped stages, whose weight problems couple
-    the samples): the objective is read as in *scaled*, and every sum over samples of a weight line
+  - *reduced* (ProxProp, Moreau's weight solves on grouped stages, the augmented Lagrangian, whose
+    weight problems couple the samples): the objective is read as in *scaled* (the augmented
+    Lagrangian's target as ``env(k h / m)``), and every sum over samples of a weight line
     is summed over the shards inside the sweep (``Site.batch_sum``): the vjps' weight parts, each
     proximal stage's Gram matrix and right-hand side together (then every rank runs the same closed
     form or CG on them), and every value of a Moreau weight problem's data term and its gradient
@@ -35,8 +36,8 @@ Two modes:
     same steps). The directions come out global on every rank, and only the loss is reduced after
     the sweep.
 
-  Rules that couple samples inside other inner solves (the augmented Lagrangian and
-  target-propagation fits) and train-mode batch norm
+  Plain target propagation (least-squares fits by the pseudo-inverse of all the rows, ``c = 0``) and
+  train-mode batch norm
   raise ``NotImplementedError`` in ``exact`` mode: they need sums inside their solvers' iterations,
   which this module does not do yet. Use ``mode="local"`` for them.
 
@@ -82,7 +83,16 @@ from .rules.moreau import (
     linear_weight,
     max_pool_state,
 )
-from .rules.target import Proximal
+from .rules.target import (
+    Augmented,
+    Proximal,
+    augmented_generic_state,
+    augmented_generic_weight,
+    augmented_linear_state,
+    augmented_linear_weight,
+    augmented_piecewise_state,
+    augmented_smooth_state,
+)
 from .types import Dual, Signal, SolveInfo
 
 __all__ = ["MODES", "FingerprintError", "Oracle", "batches", "shard"]
@@ -99,7 +109,10 @@ class FingerprintError(RuntimeError):
 # State entries linear in the incoming signal (vjps): any scaling of the signal passes through.
 _LINEAR_STATE = {grad_state, linear_state, _fenchel_affine}
 # Per-sample state entries that are not linear in the signal (closed forms of separable problems).
-_PER_SAMPLE_STATE = {activation_state, max_pool_state, generic_state}
+_PER_SAMPLE_STATE = {activation_state, max_pool_state, generic_state, augmented_linear_state,
+                     augmented_piecewise_state, augmented_smooth_state, augmented_generic_state}
+# Weight entries whose problems couple the samples, summed over the shards inside the sweep.
+_REDUCED_WEIGHT = {generic_weight, augmented_linear_weight, augmented_generic_weight}
 # Weight entries that are sums over samples of per-sample vjps (without a regulariser).
 _SUM_WEIGHT = {grad_weight, linear_weight}
 _MEAN_LOSSES = (CrossEntropy, SquaredLoss, nn.MSELoss, nn.CrossEntropyLoss)
@@ -165,8 +178,11 @@ def _exact_plan(rule: Rule, objective: Any, stages: Sequence[Any], regularizers:
                 f"supported yet); call .eval() on it or use mode='local'")
         if stage.has_weights:
             w = rule.weight_for(probe)
-            if isinstance(w, Proximal) or _entry(w, "weight", probe) is generic_weight:
-                # ProxProp's Gram systems, Moreau's weight solves: summed over the shards in-sweep
+            if isinstance(w, Augmented) and w.c_weight == 0:
+                raise _coupled(w, probe, "weight", "fits plain least squares (c = 0) by the "
+                                                   "pseudo-inverse of all the samples' rows")
+            if isinstance(w, Proximal) or _entry(w, "weight", probe) in _REDUCED_WEIGHT:
+                # ProxProp's Gram systems, Moreau's and the AL's weight solves: summed in-sweep
                 needs.add("reduced")
             elif _entry(w, "weight", probe) not in _SUM_WEIGHT:
                 raise _coupled(w, probe, "weight", "solves a problem over the weights that sums over "
@@ -190,7 +206,7 @@ def _exact_plan(rule: Rule, objective: Any, stages: Sequence[Any], regularizers:
             "mg.distributed.Oracle(mode='exact'): moreau(closed_forms=False) solves the objective's "
             "envelope over the whole batch with L-BFGS, whose iterates differ between a shard and the "
             "global batch; use the closed forms or mode='local'")
-    if isinstance(obj, Moreau):
+    if isinstance(obj, Moreau | Augmented):
         needs.add("scaled")
     elif not isinstance(obj, Grad):
         raise NotImplementedError(
@@ -237,6 +253,8 @@ class _ShardObjective:
         if isinstance(self.inner, Moreau):
             rule = dataclasses.replace(self.inner, schedule=_ScaledDual(self.inner.schedule, self.k))
             return rule.objective(h, output, target, horizon)
+        if isinstance(self.inner, Augmented):  # the target of env(k h / m)
+            return self.inner.objective(h, output, target, horizon, scale=self.k)
         loss, signal, info = self.inner.objective(h, output, target, horizon)
         return loss, Dual(self.k * signal.dual(output)), info
 

@@ -215,13 +215,15 @@ class Augmented(LineRule):
     def step(self) -> float:
         return self.alpha if self.alpha < INF else 1.0
 
-    def objective(self, h: Any, output: Tensor, target: Any, horizon: int) -> tuple[Tensor, Signal, Any]:
-        """``x_tau^+ = x_tau - grad env(h / m)(x_tau)``, ``m = kappa + 1/gamma`` (Algo 9, 11, 13)."""
+    def objective(self, h: Any, output: Tensor, target: Any, horizon: int,
+                  scale: float = 1.0) -> tuple[Tensor, Signal, Any]:
+        """``x_tau^+ = x_tau - grad env(scale h / m)(x_tau)``, ``m = kappa + 1/gamma`` (Algo 9, 11,
+        13); ``scale`` is 1 but for one shard of a data-parallel batch (``B_shard / B``)."""
         loss, _ = objective_value(h, output, target)
         m = self.kappa + 1 / self.gamma
         z = output.detach()
         moreau = Moreau(solver=self.solver)
-        env, info = lookup(moreau, "objective", h)(moreau, h, z, target, 1 / m)
+        env, info = lookup(moreau, "objective", h)(moreau, h, z, target, scale / m)
         check_solve(self.owner, self.strict, "objective subproblem", info)
         return loss.detach(), Target.moved(z, env), info
 
@@ -465,13 +467,18 @@ def augmented_generic_weight(rule: Augmented, site: Any, signal: Signal) -> Weig
     reg = site.regularizer
 
     def fun(z: list[Tensor]) -> Tensor:
-        e = site.phi({n: wi + zi for n, wi, zi in zip(names, w, z, strict=True)}, xw) - x_t
-        val = 0.5 * c * gdot(z, z, 1) + 0.5 * kappa * gdot([e + rw], [e + rw], 1)
+        # The terms in e sum over the samples (of every shard, for a data-parallel exact oracle:
+        # Site.summed / Site.replicated); the proximal and regulariser terms do not.
+        zs = site.replicated(z)
+        e = site.phi({n: wi + zi for n, wi, zi in zip(names, w, zs, strict=True)}, xw) - x_t
+        data = 0.5 * kappa * gdot([e + rw], [e + rw], 1)
+        (data,) = site.summed([data + scale * gdot([rw], [e], 1) if scale else data])
+        val = 0.5 * c * gdot(z, z, 1) + data
         if reg is not None:
             val = val + sum(reg(wi + zi) - reg(wi) for wi, zi in zip(w, z, strict=True))
-        return val + scale * gdot([rw], [e], 1) if scale else val
+        return val
 
-    f0 = 0.5 * kappa * gdot([rw], [rw], 1)
+    (f0,) = site.summed([0.5 * kappa * gdot([rw], [rw], 1)])
     _, g0 = site.vjp((scale + kappa) * r)
     g0 = [(g0[n].to(work) + reg.grad(wi)) if reg is not None else g0[n].to(work)
           for n, wi in zip(names, w, strict=True)]
