@@ -36,10 +36,9 @@ Two modes:
     same steps). The directions come out global on every rank, and only the loss is reduced after
     the sweep.
 
-  Plain target propagation (least-squares fits by the pseudo-inverse of all the rows, ``c = 0``) and
-  train-mode batch norm
-  raise ``NotImplementedError`` in ``exact`` mode: they need sums inside their solvers' iterations,
-  which this module does not do yet. Use ``mode="local"`` for them.
+  Plain target propagation (least-squares fits by the pseudo-inverse of all the rows, ``c = 0``,
+  which no rank holds) and train-mode batch norm (statistics over the global batch; no
+  ``SyncBatchNorm`` yet) raise ``NotImplementedError`` in ``exact`` mode. Use ``mode="local"``.
 
 At construction (and whenever the chain's stages change) the ranks compare a fingerprint of the
 rule, the objective, the stages (types, train/eval mode), the parameter shapes and dtypes and the
