@@ -249,3 +249,20 @@ def test_pendulum_declares_affine_control_only_where_it_is(discretization):
     affine = P.chain().model[0].affine
     assert affine == (discretization != "rk4")
     assert (float(second.abs().max()) < 1e-12) == affine
+
+
+def test_tied_weights_are_not_fused_and_equal_autograd():
+    """A Linear used by two stages (tied weights): its gradient is the sum of both stages' parts,
+    as loss.backward() gives it, not twice the total (those stages are not fused)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 5)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 5), torch.arange(6) % 3
+    oracle = mg.Oracle(model, mg.losses.CrossEntropy())
+    assert oracle._fusable()[:4] == [False] * 4
+    oracle.backward(x, y)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    mg.losses.CrossEntropy()(model(x), y).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-10, atol=1e-13)

@@ -190,8 +190,7 @@ class _Rows:
     with weights ``V`` and ``R^T A~`` is its weight gradient, taken by the layer's own kernels (for
     a convolution: ``conv2d`` and ``convolution_backward``, with no unfolded patches); the Gram
     matrix ``A~^T A~ = [[a^T a, a^T 1], [1^T a, N]]`` of 004 eq. 44 is formed with the bias block
-    written analytically, from the unfolded patches ``(B, C k k, L)`` contracted one sample at a
-    time for a convolution.
+    written analytically, for a convolution from its unfolded patches ``(B, C k k, L)`` in one GEMM.
     """
 
     x: Tensor  # the layer input x_{t-1}: (N, in) for Linear, (B, C, H, W) for Conv2d
@@ -239,9 +238,9 @@ class _Rows:
 
     def gram(self) -> Tensor:
         """``A~^T A~`` (``k~ x k~``)."""
-        if self.conv:
-            p = self.patches
-            g, s = torch.bmm(p, p.transpose(1, 2)).sum(0), p.sum((0, 2))
+        if self.conv:  # one GEMM on the patches laid out (C k k, B L): a copy of their size, no more
+            p = self.patches.transpose(0, 1).reshape(self.patches.shape[1], -1)
+            g, s = p @ p.T, p.sum(1)
         else:
             g, s = self.x.T @ self.x, self.x.sum(0)
         if not self.bias:
@@ -263,9 +262,10 @@ class _Rows:
         """``R^T A~`` (``out x k~``) for ``r`` shaped like ``x_t``: the layer's weight gradient."""
         if self.conv:
             m = self.module
+            weight = m.weight.detach().to(self.x.dtype)  # its shape and dtype (a half model in float32)
             _, g, s = torch.ops.aten.convolution_backward(
-                r, self.x, m.weight.detach(), [m.weight.shape[0]] if self.bias else None, m.stride,
-                m.padding, m.dilation, False, [0], 1, (False, True, self.bias))
+                r, self.x, weight, [weight.shape[0]] if self.bias else None, m.stride, m.padding,
+                m.dilation, False, [0], 1, (False, True, self.bias))
             g = g.reshape(g.shape[0], -1)
         else:
             R = r.reshape(-1, r.shape[-1])
@@ -365,22 +365,20 @@ def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: fl
     ``out x N x N`` product per step (``cg``'s ``metric``). With ``batch_sum`` (a data-parallel
     batch) the Gram form is summed over the shards once and every rank runs the same CG.
     """
-    if batch_sum is not None:  # one sum over the shards, then the same CG on every rank
-        G, rhs = _gram_and_rhs(rows, r, batch_sum)
-        rhs = rhs if extra is None else rhs + extra
-        (d,), info = cg(lambda v: [kappa * (v[0] @ G) + c * v[0]], [rhs], steps, groups, tol)
-        return d, info
-    if rows.n < rows.k and extra is None and not rows.conv:
+    local = batch_sum is None  # a data-parallel batch: the Gram form, summed over the shards once
+    if local and rows.n < rows.k and extra is None and not rows.conv:
         S = rows.outer()
         (z,), info = cg(lambda p, pS: [kappa * pS[0] + c * p[0]], [rows.rows(r).T], steps, groups, tol,
                         metric=lambda v: [v[0] @ S])
         return rows.times(z), info
-    rhs = rows.rta(r) if extra is None else rows.rta(r) + extra
-    if rows.k < 2 * steps * rhs.shape[0]:  # the Gram matrix (N k~^2 once) is cheaper than 2 N k~ out a step
-        G = rows.gram()
-        (d,), info = cg(lambda v: [kappa * (v[0] @ G) + c * v[0]], [rhs], steps, groups, tol)
-    else:
+    out = rows.weight_shape[0]
+    if local and rows.k >= 2 * steps * out:  # 2 N k~ out a step: cheaper than the Gram matrix's N k~^2
+        rhs = rows.rta(r) if extra is None else rows.rta(r) + extra
         (d,), info = cg(lambda v: [kappa * rows.rta(rows.layer(v[0])) + c * v[0]], [rhs], steps, groups, tol)
+        return d, info
+    G, rhs = _gram_and_rhs(rows, r, batch_sum)
+    rhs = rhs if extra is None else rhs + extra
+    (d,), info = cg(lambda v: [kappa * (v[0] @ G) + c * v[0]], [rhs], steps, groups, tol)
     return d, info
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,7 +137,11 @@ class Oracle:
             return [False] * len(key[0])
         if self._connect is None or any(a is not b for a, b in zip(self._connect[0], key, strict=True)):
             stages = key[0]
-            plain = [plain_vjp(self.rule, s) for s in stages]
+            # A parameter two stages share (tied weights) must reach each stage's vjp on its own:
+            # one autograd call would hand both stages the whole gradient.
+            owners = Counter(id(sl.param) for st in stages for sl in st.slots)
+            plain = [plain_vjp(self.rule, s) and all(owners[id(sl.param)] == 1 for sl in s.slots)
+                     for s in stages]
             self._connect = (key, [t > 0 and plain[t] and plain[t - 1] for t in range(len(plain))])
         return self._connect[1]
 

@@ -246,8 +246,8 @@ def generic_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
         # over the samples (of every shard, for a data-parallel exact oracle); the proximal term not.
         v = [wi + zi for wi, zi in zip(w, site.replicated(z), strict=True)]
         (val,) = site.summed([alpha * gdot([lam], [site.phi(dict(zip(names, v, strict=True))) - x_t], 1)])
-        if reg is not None:
-            val = val + alpha * sum(reg(vi) - reg(wi) for vi, wi in zip(v, w, strict=True))
+        if reg is not None:  # replicated on every shard: on z itself, never summed
+            val = val + alpha * sum(reg(wi + zi) - reg(wi) for wi, zi in zip(w, z, strict=True))
         return val + 0.5 * gdot(z, z, 1)
 
     g0 = site.vjp(lam)[1]
