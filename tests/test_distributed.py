@@ -299,14 +299,14 @@ def test_local_equals_the_average_of_the_shard_oracles(exact_group, name, how):
         assert _close(params, start) > 1e-3
 
 
-def test_one_all_reduce_per_step_except_scaled_exact(exact_group):
+def test_collectives_per_step(exact_group):
     """The cost in collectives: one all-gather of the fingerprints at construction; per step, one
-    all-reduce of all directions (one dtype here), plus the batch size's for the Moreau rules in
-    ``exact`` mode; ProxProp in ``exact`` mode (the "reduced" plan) sums inside the sweep: the batch
-    size, one per proximal stage (its Gram matrix and right-hand side together), one for the explicit
-    last stage's vjp, and the loss."""
+    all-reduce of the batch size and the shards' status (every rank raises if one shard is empty),
+    then one of all directions (one dtype here). ProxProp in ``exact`` mode (the "reduced" plan)
+    sums inside the sweep: the batch size, one per proximal stage (its Gram matrix and right-hand
+    side together), one for the explicit last stage's vjp, and the loss."""
     out = exact_group[0]
-    per_step = {"weighted": 1, "scaled": 2, "reduced": 1 + 2 + 1 + 1, "local": 1}
+    per_step = {"weighted": 2, "scaled": 2, "reduced": 1 + 2 + 1 + 1, "local": 2}
     for key, value in out.items():
         counts = value[-1]
         plan = value[2] if key[0] == "exact" else "local"

@@ -321,8 +321,9 @@ class Oracle(_oracle.Oracle):
     ``output`` and the signals stay those of the rank's shard. In ``exact`` mode the loss is the global
     batch mean; in ``local`` mode the average of the ranks' means.
 
-    Collectives per call: ``local`` one ``all_reduce`` per (dtype, device) of the directions;
-    ``exact`` the same, plus one ``all_reduce`` of the batch size before the sweep for Moreau rules;
+    Collectives per call: one ``all_reduce`` before the sweep (the global batch size, and a status
+    that makes every rank raise where one rank's shard is empty); then ``local`` and ``exact`` one
+    ``all_reduce`` per (dtype, device) of the directions;
     ProxProp in ``exact`` mode: the batch size, one per proximal stage, one per vjp of a weight
     stage it takes explicitly (the last), and the loss.
     """
@@ -375,19 +376,27 @@ class Oracle(_oracle.Oracle):
         x0 = self.chain.input(x)
         n = x0.shape[0] if x0.dim() > 0 else 1
         h = self.objective
-        if self.mode == "exact" and isinstance(h, nn.CrossEntropyLoss) and isinstance(y, Tensor) \
-                and not y.is_floating_point() and bool((y == h.ignore_index).any()):
+        ignored = self.mode == "exact" and isinstance(h, nn.CrossEntropyLoss) and isinstance(y, Tensor) \
+            and not y.is_floating_point() and bool((y == h.ignore_index).any())
+        # One all-reduce before the sweep: the global batch size, and what would make one rank raise
+        # alone (an empty shard, ignored labels), so that every rank raises instead of waiting.
+        status = torch.tensor([float(n), float(n == 0), float(ignored)], dtype=torch.float64,
+                              device=self._device())
+        dist.all_reduce(status, group=group)
+        total, empty, ignored_anywhere = status.tolist()
+        if empty:
+            raise ValueError(f"mg.distributed.Oracle: {int(empty)} rank(s) got an empty shard of this "
+                             f"batch (global batch {int(total)}); give every rank at least one sample")
+        if ignored_anywhere:
             raise NotImplementedError(
                 f"mg.distributed.Oracle(mode='exact'): nn.CrossEntropyLoss averages over the labels "
                 f"that are not ignore_index={h.ignore_index}, a count over the global batch; use "
                 f"mode='local'")
         if self._plan in ("scaled", "reduced"):
-            total = torch.tensor([float(n)], dtype=torch.float64, device=self._device())
-            dist.all_reduce(total, group=group)
-            self.rule.objective.k = n / float(total)
+            self.rule.objective.k = n / total
             self._batch_sum = self._sum_shards if self._plan == "reduced" else None
             result = super()._call(x, y)
-            return self._reduce(result, weight=1.0, loss_weight=n / float(total), divide=False,
+            return self._reduce(result, weight=1.0, loss_weight=n / total, divide=False,
                                 directions=self._plan == "scaled")
         result = super()._call(x, y)
         weight = float(n) if self._plan == "weighted" else 1.0
