@@ -4,6 +4,7 @@
     moreaugrad list                                   # the experiments, and verdicts of runs in runs/
     moreaugrad run 000_fig3 [--smoke | --full]        # one figure or table of a paper
     moreaugrad run 000_fig3 --seeds 3                 # three seeds: mean +- spread, shaded plots
+    moreaugrad run 000_fig4 --nproc 2                 # data-parallel on 2 processes (gloo or NCCL)
     moreaugrad plot runs/000_fig3                     # redraw a run's figures and summary
     moreaugrad analyze --vgg16 --batch-norm 0.01      # Lipschitz and smoothness bounds, per layer (003)
 
@@ -136,6 +137,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_threads, default=None, metavar="N",
                      help="run N seeds (--seed, --seed + 1, ...) into OUT/seed-S/ and report their mean "
                      "+- spread; default: the config's `seeds` (else 1)")
+    run.add_argument("--nproc", type=_threads, default=1, metavar="N",
+                     help="data-parallel on N processes of this machine (gloo on CPU, NCCL with --device "
+                     "cuda, one GPU per rank): each mini-batch is split over the ranks and the oracle is "
+                     "mg.distributed.Oracle, mode 'exact' (the global batch's oracle) where the rule "
+                     "allows it, else 'local' (recorded in results.json and summary.md); default 1")
+    run.add_argument("--rank-timeout", type=_positive, default=600.0, metavar="S",
+                     help="with --nproc: seconds a rank waits in a collective before the run stops "
+                     "(default 600)")
     _common(run, "run folder (default runs/NAME[-smoke|-full][-seedS])")
 
     plot = sub.add_parser("plot", help="redraw a run's figures and summary.md from its results.json",
@@ -216,13 +225,30 @@ def _run(config_path: Path, out: Path, scale: str, args: argparse.Namespace, dat
 
     exp = runner.load(config_path, scale)
     if isinstance(exp, runner.config.Script):
+        if getattr(args, "nproc", 1) > 1:
+            raise runner.ConfigError(f"{config_path} is a script experiment: it runs its own program, "
+                                     f"not data-parallel (--nproc)")
         return _run_script(exp, out, args, data_dir)
     device = _device(args.device)
-    print(f"moreaugrad: {config_path} ({scale}) -> {out}  [seed {args.seed}, device {device}]")
+    nproc = getattr(args, "nproc", 1)
+    procs = "" if nproc == 1 else f", {nproc} processes"
+    print(f"moreaugrad: {config_path} ({scale}) -> {out}  [seed {args.seed}, device {device}{procs}]")
     try:
-        results = runner.run_config(config_path, out, scale=scale, seed=args.seed, device=device,
-                                    data_dir=data_dir, progress=not args.quiet,
-                                    n_seeds=getattr(args, "seeds", None))
+        if nproc == 1:
+            results = runner.run_config(config_path, out, scale=scale, seed=args.seed, device=device,
+                                        data_dir=data_dir, progress=not args.quiet,
+                                        n_seeds=getattr(args, "seeds", None))
+        else:
+            runner.engine.validate(exp)  # a config error once, before any rank starts
+            code = runner.parallel_.launch(config_path, out, nproc, scale=scale, seed=args.seed,
+                                           device=str(device), data_dir=data_dir, progress=not args.quiet,
+                                           n_seeds=getattr(args, "seeds", None), threads=args.threads,
+                                           timeout_s=args.rank_timeout)
+            if code == EXIT_INTERRUPTED:
+                raise KeyboardInterrupt
+            if code != 0:
+                return code
+            results = runner.store.read_json(out / "results.json")
     except KeyboardInterrupt:
         print(f"\nmoreaugrad: interrupted. Rerun the same command to resume {out} from its last "
               f"checkpoint.", file=sys.stderr)

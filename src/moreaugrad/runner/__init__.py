@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import config, engine, report, seeds, store, verdict
+from . import parallel as parallel_
 from .config import ConfigError, Experiment
 from .engine import Context, RunMismatchError
 
@@ -37,7 +38,8 @@ def load(path: str | Path, scale: str = "default") -> Experiment | config.Script
 def run_config(path: str | Path, out: str | Path, scale: str = "default", seed: int = 0,
                device: str | torch.device = "cpu", data_dir: str | Path | None = None,
                progress: bool = False, callback: Callable[[str, int], None] | None = None,
-               log: Callable[[str], None] = print, n_seeds: int | None = None) -> dict[str, Any]:
+               log: Callable[[str], None] = print, n_seeds: int | None = None,
+               parallel: parallel_.Parallel | None = None) -> dict[str, Any] | None:
     """Run (or resume) a config into ``out``, then write its figures and ``summary.md``.
 
     Args:
@@ -46,6 +48,9 @@ def run_config(path: str | Path, out: str | Path, scale: str = "default", seed: 
             and ``out/results.json`` holds their mean and spread (``runner.seeds``).
         callback: called as ``callback(job_id, updates)`` after every optimizer step (tests use it
             to interrupt a run at a chosen step).
+        parallel: this process's rank in a data-parallel run (``moreaugrad run --nproc``, started by
+            :func:`runner.parallel.launch`); only rank 0 writes and returns the results (the others
+            return None).
     """
     exp = load(path, scale)
     if isinstance(exp, config.Script):
@@ -57,7 +62,7 @@ def run_config(path: str | Path, out: str | Path, scale: str = "default", seed: 
     def context(s: int, folder: Path) -> Context:
         return Context(out=folder, seed=s, device=torch.device(device),
                        data_dir=None if data_dir is None else Path(data_dir), progress=progress,
-                       callback=callback, log=log)
+                       callback=callback, log=log, parallel=parallel)
 
     if n == 1:
         results = engine.run(exp, context(seed, out))
@@ -69,12 +74,16 @@ def run_config(path: str | Path, out: str | Path, scale: str = "default", seed: 
         for s, d in zip(seed_ids, dirs, strict=True):
             log(f"{exp.name}: seed {s} ({len(per_seed) + 1} of {n}) in {out / d}")
             per_seed.append(engine.run(exp, context(s, out / d)))
+        if parallel is not None and not parallel.main:
+            return None
         results = seeds.aggregate(per_seed, seed_ids, dirs)
         store.write_json(out / "results.json", results)
         results = store.read_json(out / "results.json")
+    if parallel is not None and not parallel.main:
+        return None
     report.write(results, out)
     return results
 
 
 __all__ = ["ConfigError", "Context", "Experiment", "RunMismatchError", "config", "demo_config", "engine",
-           "load", "report", "run_config", "seeds", "store", "verdict"]
+           "load", "parallel_", "report", "run_config", "seeds", "store", "verdict"]

@@ -9,6 +9,11 @@ Resume: a job's checkpoint holds the weights, the optimizer state, the generator
 torch's global generator, the curves and the step count. Rerunning the same command skips finished
 jobs, restarts the current one from its last checkpoint and so ends with the same results as a run
 that was never interrupted (timings aside).
+
+Data-parallel (``moreaugrad run --nproc N``, :mod:`.parallel`): with ``Context.parallel`` set, every
+rank runs this same loop on its share of each global mini-batch through ``mg.distributed.Oracle``
+(``exact`` mode, else ``local`` and the job's record says why); rank 0 alone evaluates, checkpoints
+and writes, and every rank restores the same checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 import moreaugrad as mg
+from moreaugrad import distributed as mgd
 
 from . import methods, models, store, verdict
 from .config import ConfigError, Experiment, Job, seed_for
@@ -69,6 +75,20 @@ class Context:
     progress: bool = True
     callback: Callback | None = None
     log: Callable[[str], None] = print
+    parallel: Any = None  # a runner.parallel.Parallel in a data-parallel run
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes (always, except on the ranks > 0 of a data-parallel run)."""
+        return self.parallel is None or self.parallel.main
+
+    def barrier(self) -> None:
+        if self.parallel is not None:
+            self.parallel.barrier()
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the writing process, its result (or its exception) on every rank."""
+        return fn() if self.parallel is None else self.parallel.on_main(fn)
 
 
 def versions() -> dict[str, str]:
@@ -227,8 +247,11 @@ class _Job:
         self.curves: dict[str, list[float]] = {}
         self.elapsed: list[float] = [0.0]
         self.diverged: str | None = None
+        self.distributed: dict[str, str] | None = None  # the data-parallel mode (and why), if any
 
     def save(self) -> None:
+        if not self.ctx.main:
+            return
         state = {"job": self.job.id, "step": self.step, "updates": self.updates,
                  "model": self.chain.state_dict(), "curves": self.curves, "elapsed": self.elapsed,
                  "torch_rng": torch.get_rng_state(), "diverged": self.diverged or ""}
@@ -241,6 +264,7 @@ class _Job:
         store.save_checkpoint(self.path, state)
 
     def restore(self) -> bool:
+        self.ctx.barrier()  # rank 0 wrote the checkpoint (atomically) before the others read it
         state = store.load_checkpoint(self.path)
         if state is None or state.get("job") != self.job.id:
             return False
@@ -268,6 +292,15 @@ class _Job:
         self.elapsed.append(elapsed)
 
 
+def _diverged(ctx: Context, state: _Job, err: BaseException, where: str) -> str:
+    """The divergence message of a job; in a data-parallel run every rank must have raised it at the
+    same update (``Parallel.agree``), else the run stops."""
+    message = f"{where}: {type(err).__name__}: {err}"
+    if ctx.parallel is not None:
+        ctx.parallel.agree(f"{state.job.id} after {state.updates} updates", message)
+    return message
+
+
 def pendulum(panel: dict[str, Any]) -> mg.control.Pendulum:
     """The pendulum of a control panel: ``horizon``, ``discretization`` (default ``"explicit"``, as
     000 App. E.1.1 prints it) and ``x0 = [theta_0, omega_0]`` (default ``[0, 0]``)."""
@@ -285,6 +318,9 @@ def _control_job(job: Job, panel: dict[str, Any], ctx: Context, bar: Any) -> _Jo
     oracle = mg.Oracle(chain, problem.objective, methods.rule(job.spec))
     opt = methods.optimizer(job.spec, chain.parameters())
     state = _Job(job, ctx, chain, opt, None)
+    if ctx.parallel is not None:
+        state.distributed = {"mode": "replicated", "reason": "a control panel has no data to shard: "
+                             "every rank runs the full problem"}
     total, every = int(panel.get("iterations", 100)), int(panel.get("checkpoint_every", 10))
 
     def h() -> float:
@@ -302,7 +338,7 @@ def _control_job(job: Job, panel: dict[str, Any], ctx: Context, bar: Any) -> _Jo
             value = h()
             _check_value(panel, value)
         except DIVERGED as err:
-            state.diverged = f"iteration {state.step + 1}: {type(err).__name__}: {err}"
+            state.diverged = _diverged(ctx, state, err, f"iteration {state.step + 1}")
         else:
             state.step += 1
             state.record({"loss": value}, time.perf_counter() - start)
@@ -334,15 +370,23 @@ def _train_job(job: Job, panel: dict[str, Any], data: PanelData, ctx: Context, b
         raise ValueError(f"panel {job.panel}: loss must be one of {sorted(LOSSES)}, got {panel['loss']!r}")
     loss = LOSSES[panel.get("loss", "cross_entropy")]()
     l2 = panel.get("l2", 0.0)
-    oracle = mg.Oracle(chain, loss, methods.rule(job.spec), regularizer=mg.losses.L2(l2) if l2 else None)
-    opt = methods.optimizer(job.spec, chain.parameters())
-    gen = torch.Generator().manual_seed(seed_for(ctx.seed, "batches", job.panel))
-    state = _Job(job, ctx, chain, opt, gen)
+    reg = mg.losses.L2(l2) if l2 else None
     epochs, batch = int(panel.get("epochs", 10)), int(panel.get("batch_size", 128))
     chunk = int(panel.get("eval_batch", 2048))
     n = len(data.y_train)
+    par = ctx.parallel
+    distributed = None
+    if par is None:
+        oracle = mg.Oracle(chain, loss, methods.rule(job.spec), regularizer=reg)
+    else:
+        _check_shards(job, n, batch, par.world)
+        oracle, distributed = _parallel_oracle(chain, loss, job, reg)
+    opt = methods.optimizer(job.spec, chain.parameters())
+    gen = torch.Generator().manual_seed(seed_for(ctx.seed, "batches", job.panel))
+    state = _Job(job, ctx, chain, opt, gen)
+    state.distributed = distributed
 
-    def measure() -> dict[str, float]:
+    def evaluate_all() -> dict[str, float]:
         chain.eval()
         values = {}
         for split, (x, y) in data.evals.items():
@@ -351,6 +395,12 @@ def _train_job(job: Job, panel: dict[str, Any], data: PanelData, ctx: Context, b
             values[f"{split}_accuracy"] = acc
         chain.train()
         return values
+
+    def measure() -> dict[str, float]:
+        # Data-parallel: the replicas are equal, so rank 0 evaluates the full splits as one process
+        # does (the same numbers, bit for bit) and every rank gets its values (the same divergence
+        # decision on every rank).
+        return evaluate_all() if par is None else par.broadcast(evaluate_all() if par.main else None)
 
     if not state.restore():
         state.curves = {k: [v] for k, v in measure().items()}
@@ -362,19 +412,41 @@ def _train_job(job: Job, panel: dict[str, Any], data: PanelData, ctx: Context, b
         perm = torch.randperm(n, generator=gen).to(ctx.device)
         try:
             for idx in perm.split(batch):
+                if par is not None:  # this rank's part of the global batch of one process
+                    idx = idx[mgd.shard(len(idx), par.rank, par.world, shuffle=False).to(idx.device)]
                 _update(oracle, opt, data.x_train[idx], data.y_train[idx])
                 state.tick()
             train_time += time.perf_counter() - t0
             values = measure()
             _check_value(panel, values["loss"])
         except DIVERGED as err:
-            state.diverged = f"epoch {state.step + 1}: {type(err).__name__}: {err}"
+            state.diverged = _diverged(ctx, state, err, f"epoch {state.step + 1}")
         else:
             state.step += 1
             state.record(values, train_time)
         bar.update(1)
         state.save()
     return state
+
+
+def _check_shards(job: Job, n: int, batch: int, world: int) -> None:
+    """Every rank must hold at least one sample of every global batch."""
+    sizes = {min(batch, n)} | ({n % batch} if n % batch else set())
+    if min(sizes) < world:
+        raise ValueError(f"panel {job.panel}: a global batch of {min(sizes)} samples (batch_size {batch}, "
+                         f"{n} training samples) cannot be split over {world} processes; use fewer "
+                         f"processes or another batch_size")
+
+
+def _parallel_oracle(chain: mg.Chain, loss: Any, job: Job, reg: Any) -> tuple[mg.Oracle, dict[str, str]]:
+    """``mg.distributed.Oracle`` in ``exact`` mode, or in ``local`` mode when the rule (or the
+    regulariser) couples the samples; the mode and the reason go into the job's record."""
+    try:
+        oracle = mgd.Oracle(chain, loss, methods.rule(job.spec), mode="exact", regularizer=reg)
+        return oracle, {"mode": "exact", "reason": ""}
+    except NotImplementedError as err:  # raised on every rank alike (same config)
+        oracle = mgd.Oracle(chain, loss, methods.rule(job.spec), mode="local", regularizer=reg)
+        return oracle, {"mode": "local", "reason": str(err)}
 
 
 def _finish(state: _Job, exp: Experiment, wall: float) -> dict[str, Any]:
@@ -394,6 +466,7 @@ def _finish(state: _Job, exp: Experiment, wall: float) -> dict[str, Any]:
         "curves": curves, "best": best, "final": {k: v[-1] for k, v in curves.items() if v},
         "score": score, "updates": state.updates,
         "timings": {"wall_s": wall, "elapsed_s": state.elapsed},
+        **({} if state.distributed is None else {"distributed": state.distributed}),
     }
 
 
@@ -408,8 +481,11 @@ def _identity(exp: Experiment, ctx: Context) -> dict[str, Any]:
     """What a resumed run must share with the original: everything that changes results (the
     config without its prose, the scale, the seed, the device)."""
     config = {k: v for k, v in exp.config.items() if k not in TEXT_KEYS}
-    return {"experiment": exp.name, "scale": exp.scale, "seed": ctx.seed, "device": str(ctx.device),
-            "config": store.clean(config)}
+    ident = {"experiment": exp.name, "scale": exp.scale, "seed": ctx.seed, "device": str(ctx.device),
+             "config": store.clean(config)}
+    if ctx.parallel is not None:  # absent for one process, so that older run folders still resume
+        ident["nproc"] = ctx.parallel.world
+    return ident
 
 
 def _check_run(exp: Experiment, ctx: Context) -> bool:
@@ -421,6 +497,10 @@ def _check_run(exp: Experiment, ctx: Context) -> bool:
     if meta_path.is_file():
         old = store.read_json(meta_path)
         old_ident = {k: old.get(k) for k in ident}
+        if old.get("nproc", 1) != ident.get("nproc", 1):
+            raise RunMismatchError(f"{ctx.out} holds a run on {old.get('nproc', 1)} process(es), not "
+                                   f"{ident.get('nproc', 1)}; rerun with --nproc {old.get('nproc', 1)} or "
+                                   f"choose another --out")
         if json.dumps(old_ident, sort_keys=True) != json.dumps(ident, sort_keys=True):
             diff = [k for k in ident if json.dumps(old_ident[k], sort_keys=True)
                     != json.dumps(ident[k], sort_keys=True)]
@@ -444,7 +524,7 @@ def run(exp: Experiment, ctx: Context) -> dict[str, Any]:
     Returns the results dict (also written to ``ctx.out / "results.json"``).
     """
     validate(exp)
-    resumed = _check_run(exp, ctx)
+    resumed = ctx.on_main(lambda: _check_run(exp, ctx))  # every rank then sees run.json and jobs/
     t0 = time.perf_counter()
     records: dict[str, dict[str, Any]] = {}
     for job in exp.jobs:
@@ -456,7 +536,7 @@ def run(exp: Experiment, ctx: Context) -> dict[str, Any]:
     panels: dict[str, PanelData | None] = {}
     skipped: dict[str, str] = {}
     last_write = -math.inf  # the first finished job writes results.json at once, for `moreaugrad plot`
-    disable = not ctx.progress
+    disable = not ctx.progress or not ctx.main
     with tqdm(total=len(exp.jobs), desc=exp.name, unit="job", disable=disable, position=0) as outer, \
             tqdm(total=1, desc="", leave=False, disable=disable, position=1, mininterval=0.5) as bar:
         outer.update(len(records))
@@ -484,10 +564,13 @@ def run(exp: Experiment, ctx: Context) -> dict[str, Any]:
             rec = _finish(state, exp, time.perf_counter() - start)
             if panel["kind"] == "train":
                 rec["data_sizes"] = panels[job.panel].sizes
+            outer.update(1)
+            if not ctx.main:
+                records[job.id] = rec
+                continue
             store.write_json(ctx.out / "jobs" / f"{job.id}.json", rec)
             state.path.unlink(missing_ok=True)
             records[job.id] = store.read_json(ctx.out / "jobs" / f"{job.id}.json")
-            outer.update(1)
             # Partial results for `moreaugrad plot` on a running experiment; after the first job,
             # throttled, since a paper-size grid has thousands of jobs.
             if time.perf_counter() - last_write > PARTIAL_EVERY_S:
@@ -495,6 +578,8 @@ def run(exp: Experiment, ctx: Context) -> dict[str, Any]:
                                  collect(exp, ctx, records, skipped, "running", time.perf_counter() - t0))
                 last_write = time.perf_counter()
     results = collect(exp, ctx, records, skipped, "complete", time.perf_counter() - t0)
+    if not ctx.main:
+        return results
     store.write_json(ctx.out / "results.json", results)
     state_dir = ctx.out / "state"
     if state_dir.is_dir() and not any(state_dir.iterdir()):
@@ -531,6 +616,13 @@ def collect(exp: Experiment, ctx: Context, records: dict[str, dict[str, Any]], s
             info["x0"] = list(panel.get("x0", (0.0, 0.0)))
         panel_info[pname] = info
     cfg = exp.config
+    extra = {}
+    if ctx.parallel is not None:
+        modes = {r["id"]: r.get("distributed", {}) for r in jobs}
+        extra["distributed"] = {
+            "nproc": ctx.parallel.world, "backend": ctx.parallel.backend,
+            "modes": {k: v.get("mode") for k, v in modes.items()},
+            "local_fallback": {k: v["reason"] for k, v in modes.items() if v.get("mode") == "local"}}
     return {
         "format": 1,
         "status": status,
@@ -543,6 +635,7 @@ def collect(exp: Experiment, ctx: Context, records: dict[str, dict[str, Any]], s
         "panels": panel_info,
         "selected": selected,
         "jobs": jobs,
+        **extra,
         "timings": {"wall_s": wall, "finished": _now(),
                     "jobs_s": {r["id"]: r["timings"]["wall_s"] for r in jobs}},
     }

@@ -295,6 +295,7 @@ def summary(results: dict[str, Any], pngs: list[str]) -> str:
                           f"('-': diverged)", "", _md_table(*t), ""]
     elif table == "selected":
         lines += ["## Table", "", _md_table(*selected_table(results)), ""]
+    lines += _distributed(results)
     skipped = {p: i["skipped"] for p, i in results["panels"].items() if i.get("skipped")}
     if skipped:
         lines += ["## Skipped panels", ""] + [f"- {p}: {why}" for p, why in skipped.items()] + [""]
@@ -304,6 +305,23 @@ def summary(results: dict[str, Any], pngs: list[str]) -> str:
         lines += ["## Figures", ""] + [f"![{p}]({p})" for p in pngs] + [""]
     lines += ["All runs, curves and settings: `results.json`.", ""]
     return "\n".join(lines)
+
+
+def _distributed(results: dict[str, Any]) -> list[str]:
+    """A data-parallel run (``--nproc``): its size, and every job whose rule fell back to ``local``."""
+    info = results.get("distributed")
+    if not info:
+        return []
+    modes = sorted({m for m in info["modes"].values() if m})
+    lines = ["## Data-parallel run", "",
+             f"{info['nproc']} processes ({info['backend']}); each global mini-batch split over the ranks; "
+             f"oracle modes: {', '.join(modes) or 'none'} (`exact`: the oracle of the global batch, "
+             f"`replicated`: a control panel run whole on every rank).", ""]
+    if info["local_fallback"]:
+        lines += ["These jobs ran in `local` mode (the average of the ranks' oracles, not the global "
+                  "batch's), because `exact` mode refused their rule:", ""]
+        lines += [f"- `{jid}`: {why}" for jid, why in info["local_fallback"].items()] + [""]
+    return lines
 
 
 def write(results: dict[str, Any], out: Path) -> list[str]:
