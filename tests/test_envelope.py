@@ -306,3 +306,18 @@ def test_moreau_max_pool_tends_to_backprop():
         assert small.info[2].state.method == "closed form: max over windows"
         errs.append(max(rel_err(small.directions[t][n], grads[t][n]) for t in (0, 4) for n in grads[t]))
     assert 0.4 * errs[0] < errs[1] < 0.6 * errs[0]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-5])
+def test_max_pool_increment_float32_equals_float64(scale):
+    """The max-pool closed form in float32 gives float64's increment to float32 rounding at large and
+    small steps (it works in differences to each window's maximum, so a small ``c`` is not lost
+    against ``x``), with near ties inside windows."""
+    torch.manual_seed(3)
+    x64 = 3.0 + torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    x64[..., ::2, ::2] = x64[..., 1::2, 1::2] + scale * 0.3  # a runner-up within reach of c
+    c64 = scale * torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    x32, c32 = x64.float(), c64.float()
+    y64, _ = envelope.max_pool_increment(x32.double(), c32.double(), (2, 2))
+    y32, _ = envelope.max_pool_increment(x32, c32, (2, 2))
+    assert float((y32.double() - y64).abs().max()) <= 1e-5 * float(c64.abs().max())
