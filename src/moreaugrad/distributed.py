@@ -92,6 +92,7 @@ from .rules.target import (
     augmented_piecewise_state,
     augmented_smooth_state,
 )
+from .sweep import Placed
 from .types import Dual, Signal, SolveInfo
 
 __all__ = ["MODES", "FingerprintError", "Oracle", "batches", "shard"]
@@ -117,20 +118,12 @@ _SUM_WEIGHT = {grad_weight, linear_weight}
 _MEAN_LOSSES = (CrossEntropy, SquaredLoss, nn.MSELoss, nn.CrossEntropyLoss)
 
 
-class _Probe:
+class _Probe(Placed):
     """What a per-stage rule spec (a sequence, or a function of the site) is asked with before the
     forward pass: the stage and the horizon (a function reading recorded tensors is not supported)."""
 
     def __init__(self, stage: Any, horizon: int):
         self.stage, self.horizon = stage, horizon
-
-    @property
-    def t(self) -> int:
-        return self.stage.index + 1
-
-    @property
-    def label(self) -> str:
-        return f"stage {self.t} ({self.stage.description})"
 
 
 def _coupled(rule: Any, site: Any, line: str, why: str) -> NotImplementedError:

@@ -38,8 +38,25 @@ class NonFiniteError(FloatingPointError):
     """
 
 
+class Placed:
+    """A stage's position in the chain, for schedules and messages (a :class:`Site`, or a probe
+    of the stage before the forward pass); needs ``stage``."""
+
+    stage: Stage
+
+    @property
+    def t(self) -> int:
+        """The stage's position ``t`` in ``1..tau`` (the papers' index)."""
+        return self.stage.index + 1
+
+    @property
+    def label(self) -> str:
+        """``stage t (Type)``, for messages."""
+        return f"stage {self.t} ({self.stage.description})"
+
+
 @dataclass(eq=False)
-class Site:
+class Site(Placed):
     """One recorded stage: ``x = phi_t(w, x_prev)`` with its local graph.
 
     Attributes:
@@ -71,16 +88,6 @@ class Site:
     batch_sum: Callable[[list[Tensor]], list[Tensor]] | None = None
     attached: bool = False
     _cache: tuple[Tensor, Any] | None = field(default=None, repr=False)
-
-    @property
-    def t(self) -> int:
-        """The stage's position ``t`` in ``1..tau`` (the papers' index)."""
-        return self.stage.index + 1
-
-    @property
-    def label(self) -> str:
-        """``stage t (Type)``, for messages."""
-        return f"stage {self.t} ({self.stage.description})"
 
     @property
     def needs_state(self) -> bool:
