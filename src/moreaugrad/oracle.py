@@ -138,10 +138,12 @@ class Oracle:
         if self._connect is None or any(a is not b for a, b in zip(self._connect[0], key, strict=True)):
             stages = key[0]
             # A parameter two stages share (tied weights) must reach each stage's vjp on its own:
-            # one autograd call would hand both stages the whole gradient.
-            owners = Counter(id(sl.param) for st in stages for sl in st.slots)
-            plain = [plain_vjp(self.rule, s) and all(owners[id(sl.param)] == 1 for sl in s.slots)
-                     for s in stages]
+            # one autograd call would hand both stages the whole gradient. Distinct rows of one
+            # parameter (a control chain's w_t = controls[t]) are distinct views, so they may fuse.
+            owners = Counter((id(sl.param), sl.index) for st in stages for sl in st.slots)
+            whole = {id(sl.param) for st in stages for sl in st.slots if sl.index is None}
+            plain = [plain_vjp(self.rule, s) and all(owners[(id(sl.param), sl.index)] == 1 and (
+                sl.index is None or id(sl.param) not in whole) for sl in s.slots) for s in stages]
             self._connect = (key, [t > 0 and plain[t] and plain[t - 1] for t in range(len(plain))])
         return self._connect[1]
 
