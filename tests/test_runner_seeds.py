@@ -258,3 +258,18 @@ def test_per_output_names_the_blockwise_cg():
     assert m == mg.lstsq.CG(3, per_output=True)
     with pytest.raises(ValueError, match="per_output must be true or false"):
         methods._method({"rule": "proxprop", "cg": 3, "per_output": 1})
+
+
+def test_solver_names_the_papers_two_quasi_newton_steps():
+    """``solver = "paper"`` gives 000 App. E.2.1's two quasi-Newton steps to the generic
+    subproblems (AL-MSGD with layers as stages, 000 Table 2); a rule without one refuses it."""
+    r = methods.rule({"rule": "augmented_lagrangian", "alpha": 2.0, "rho": 0.5, "beta": 0.1,
+                      "solver": "paper"})
+    assert r.state.solver == mg.solvers.QuasiNewton(tol=None, max_iter=2)
+    assert methods.rule({"rule": "moreau", "solver": "lbfgs"}).state.solver == mg.solvers.LBFGS(
+        tol=1e-8, max_iter=100)
+    assert methods.rule({"rule": "augmented_lagrangian"}).state.solver == mg.rules.augmented_lagrangian().state.solver
+    with pytest.raises(ValueError, match="solver must be one of"):
+        methods.rule({"rule": "augmented_lagrangian", "solver": "newton"})
+    with pytest.raises(ValueError, match="solver applies to"):
+        methods.rule({"rule": "proxprop", "solver": "paper"})

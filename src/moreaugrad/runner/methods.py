@@ -21,8 +21,13 @@ OPTIMIZERS = ("step", "sgd", "adam")
 SCHEDULES = {"paper": mg.rules.Paper, "geometric": mg.rules.Geometric, "lagrangian": mg.rules.Lagrangian}
 KEYS = {"rule", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "betas", "label", "enabled",
         "gamma", "alpha", "beta", "kappa", "rho", "schedule", "tau", "tau_theta", "cg", "step", "spacing",
-        "tau_max", "batch_mean", "method", "tol", "strict", "per_output", "beta_gamma"}
+        "tau_max", "batch_mean", "method", "tol", "strict", "per_output", "beta_gamma", "solver"}
 GN_METHODS = ("dp", "dual", "cg")
+# The generic inner solvers a method may name (``solver = "paper"``): 000 App. E.2.1's two
+# quasi-Newton steps, or L-BFGS run to its tolerance (the target rules' default).
+SOLVERS = {"paper": lambda: mg.solvers.QuasiNewton(tol=None, max_iter=2),
+           "lbfgs": lambda: mg.solvers.LBFGS(tol=1e-8, max_iter=100)}
+WITH_SOLVER = ("moreau", "augmented_lagrangian", "target_prop", "regularized_target_prop")
 SPACINGS = ("constant", "adaptive")
 
 
@@ -38,6 +43,21 @@ def _method(spec: dict[str, Any]) -> Any:
             raise ValueError("method proxprop: per_output needs cg = k (an exact solve needs no split)")
         return mg.lstsq.Exact()
     return mg.lstsq.CG(int(cg), per_output=True) if per_output else mg.lstsq.CG(int(cg))
+
+
+def _solver(spec: dict[str, Any]) -> Any:
+    """The generic inner solver a spec names (``solver = "paper" | "lbfgs"``), or None for the
+    rule's default; only rules with generic subproblems take one."""
+    name = spec.get("solver")
+    if name is None:
+        return None
+    if spec["rule"] not in WITH_SOLVER:
+        raise ValueError(f"method {spec.get('label', spec['rule'])!r}: solver applies to the rules "
+                         f"{WITH_SOLVER}, not {spec['rule']!r}")
+    if name not in SOLVERS:
+        raise ValueError(f"method {spec.get('label', spec['rule'])!r}: solver must be one of "
+                         f"{sorted(SOLVERS)}, got {name!r}")
+    return SOLVERS[name]()
 
 
 def _spacing(spec: dict[str, Any]) -> Any:
@@ -59,20 +79,24 @@ def rule(spec: dict[str, Any]) -> Any:
     scaled by about ``(beta gamma)^(2k)``, so a grid on ``beta_gamma`` near 1 covers the useful part of
     F.2's ``beta`` grid at a fraction of its cost. ``proxprop`` and ``penalty_backprop`` take
     ``tau = lr`` when ``tau`` is absent (004 Prop. 1: penalty back-propagation is gradient descent with
-    step ``tau``).
+    step ``tau``). ``moreau`` and the target rules take ``solver = "paper"`` (000 App. E.2.1's two
+    quasi-Newton steps, Moreau's default) or ``"lbfgs"`` (L-BFGS to ``1e-8``, the target rules'
+    default) for their generic subproblems, e.g. AL-MSGD with layers as stages (000 Table 2).
     """
     name = spec["rule"]
     unknown = sorted(set(spec) - KEYS)
     if unknown:
         raise ValueError(f"method {spec.get('label', name)!r}: unknown keys {unknown}; "
                          f"known: {sorted(KEYS)}")
+    solver = _solver(spec)
     if name == "backprop":
         return mg.rules.backprop(step=spec.get("lr", 1.0))
     if name == "moreau":
         sched = spec.get("schedule", "paper")
         if sched not in SCHEDULES:
             raise ValueError(f"method moreau: schedule must be one of {sorted(SCHEDULES)}, got {sched!r}")
-        return mg.rules.moreau(schedule=SCHEDULES[sched](spec.get("gamma", 0.5), spec.get("alpha", 2.0)))
+        return mg.rules.moreau(schedule=SCHEDULES[sched](spec.get("gamma", 0.5), spec.get("alpha", 2.0)),
+                               solver=solver)
     if name == "proxprop":
         tau = spec.get("tau", spec.get("lr", 1.0))
         return mg.rules.proxprop(spec.get("tau_theta", 1.0), tau, _method(spec))
@@ -90,14 +114,14 @@ def rule(spec: dict[str, Any]) -> Any:
         if "beta" in spec and "beta_gamma" in spec:
             raise ValueError("method augmented_lagrangian: give beta or beta_gamma, not both")
         beta = spec["beta_gamma"] / gamma if "beta_gamma" in spec else spec.get("beta", 1.0)
-        return mg.rules.augmented_lagrangian(spec.get("kappa", 1e-5), beta, gamma, alpha)
+        return mg.rules.augmented_lagrangian(spec.get("kappa", 1e-5), beta, gamma, alpha, solver=solver)
     if name in SECOND_ORDER:
         return _second_order(name, spec)
     if name == "target_prop":
-        return mg.rules.target_prop(spec.get("kappa", 1.0))
+        return mg.rules.target_prop(spec.get("kappa", 1.0), solver=solver)
     if name == "regularized_target_prop":
         return mg.rules.regularized_target_prop(spec.get("kappa", 1.0), spec.get("gamma", 1.0),
-                                                spec.get("alpha", 1.0))
+                                                spec.get("alpha", 1.0), solver=solver)
     raise ValueError(f"method: rule must be one of {RULES + SECOND_ORDER}, got {name!r}")
 
 
