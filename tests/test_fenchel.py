@@ -637,3 +637,38 @@ def test_float32_fenchel_directions_match_float64(act, tau):
             assert d.dtype == torch.float32
             e = es[key]
             assert ((d.double() - e).abs().max() / e.abs().max()).item() < 1e-4, key
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.8])
+def test_fenchel_targets_are_kept_only_on_request(tau):
+    """``fenchel(tau, targets=True)`` reports the top activation's target ``xbar = relu(u - tau B
+    lambda)`` (002 eq. 60) and the output's ``x - tau B lambda`` (eq. 59); by default no target is
+    held (memory), and the directions are the same either way."""
+    model, x, y = mlp(nn.ReLU, batch=6, width=5, classes=3)
+    kept, plain = run(model, x, y, fenchel(tau, targets=True)), run(model, x, y, fenchel(tau))
+    for a, b in zip(kept.directions, plain.directions, strict=True):
+        if a is not None:
+            torch.testing.assert_close(a["weight"], b["weight"], rtol=0, atol=0)
+    assert all(i.state is None or i.state.target is None for i in plain.info)
+    B = len(y)
+    out = model(x)
+    lam5 = (torch.softmax(out, 1) - F.one_hot(y, 3).to(DTYPE)) / B
+    u3 = model[:3](x)
+    lam4 = lam5 @ model[4].weight
+    torch.testing.assert_close(kept.info[3].state.target, torch.relu(u3 - tau * B * lam4), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kept.info[4].state.target, out - tau * B * lam5, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-5])
+def test_relu_gap_sum_in_float32_equals_float64(scale):
+    """The ReLU gap sum ``||inc||^2/2 + <inc, min(u, 0)>`` adds non-negative terms only: in float32 it
+    equals the float64 piecewise gap (:func:`_clip_gap`) to a few eps at every spacing scale."""
+    from moreaugrad.rules.fenchel import _RELU, _relu_difference, _relu_gap_sum
+
+    torch.manual_seed(0)
+    u = torch.randn(4096, dtype=torch.float64)
+    delta = scale * torch.randn(4096, dtype=torch.float64)
+    want = _RELU.gap(u, u - delta).sum()
+    u32, d32 = u.float(), delta.float()
+    got = _relu_gap_sum(u32, d32, _relu_difference(u32, d32))
+    assert abs(got.double() - want) <= 1e-5 * want

@@ -233,9 +233,11 @@ def _relu_difference(u: Tensor, delta: Tensor) -> Tensor:
 
 def _relu_gap_sum(u: Tensor, delta: Tensor, inc: Tensor) -> Tensor:
     """``sum D(u, u - delta)`` for ReLU: ``D = (p - q)^2/2 + q (-u)_+`` (:func:`_clip_gap` on
-    ``[0, inf)``) with ``p - q = inc``, as two dot products."""
-    q, v = (u - delta).clamp_min_(0).reshape(-1), inc.reshape(-1)
-    return 0.5 * torch.dot(v, v) - torch.dot(q, u.clamp_max(0).reshape(-1))
+    ``[0, inf)``) with ``p = relu(u)``, ``q = relu(u - delta)`` and ``p - q = inc``. Where ``u < 0``,
+    ``p = 0`` so ``q = -inc``: the sum is ``||inc||^2/2 + <inc, min(u, 0)>``, two dot products of
+    non-negative terms (no cancellation) and one pass to form ``min(u, 0)``."""
+    v = inc.reshape(-1)
+    return 0.5 * torch.dot(v, v) + torch.dot(v, u.clamp_max(0).reshape(-1))
 
 
 def _sigmoid_difference(u: Tensor, delta: Tensor) -> Tensor:
@@ -481,7 +483,8 @@ class SurrogateInfo(SolveInfo):
     Attributes:
         term: this stage's term of the linearised local contrastive surrogate, summed over the batch
             (a detached 0-dim tensor), or ``None`` when the stage has none or reporting is off.
-        target: ``xbar_t``, the target of the stage's output ``x_t`` (002 eq. 50), or ``None``.
+        target: ``xbar_t``, the target of the stage's output ``x_t`` (002 eq. 50), or ``None`` (FenBP
+            keeps it only with ``fenchel(..., targets=True)``).
         spacing: the spacing used, per-sample units (a float or a tensor shaped like ``x_{t-1}``).
     """
 
@@ -553,13 +556,17 @@ class FiniteDifference(LineRule):
         spacing: ``tau``: a positive number (:class:`ConstantSpacing`) or a :class:`Spacing`
             (:class:`StageSpacing`, :class:`AdaptiveSpacing`), per-sample units.
         batch_mean: read spacings per sample (see the module docstring).
-        surrogate: report each stage's term of 002 eq. 51 in a :class:`SurrogateInfo` (a few
-            elementwise operations per activation); turn off to skip them.
+        surrogate: report each stage's term of 002 eq. 51 in a :class:`SurrogateInfo` (three dot
+            products and one elementwise pass per activation); turn off to skip them.
+        targets: also keep each activation's target ``xbar_t`` in :attr:`SurrogateInfo.target`:
+            one tensor the size of the activation per stage, held as long as the result is, so
+            off by default (FenBP's memory is then that of backprop).
     """
 
     spacing: Spacing | float = 1.0
     batch_mean: bool = True
     surrogate: bool = True
+    targets: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spacing", as_spacing("finite_difference", self.spacing))
@@ -573,13 +580,16 @@ def activation_state(rule: FiniteDifference, site: Any, signal: Signal) -> State
     u, z = site.x_prev.detach(), site.x.detach()
     lam = signal.dual(z)
     n = _per_sample(rule.batch_mean, u)
-    g = lam * n if n != 1 else lam
-    tau = rule.spacing(site, u, g, prof)
-    delta = tau * g
+    if isinstance(rule.spacing, ConstantSpacing):  # g is not read: skip forming it
+        tau: float | Tensor = rule.spacing.tau
+        delta = (tau * n) * lam
+    else:
+        g = lam * n if n != 1 else lam
+        tau = rule.spacing(site, u, g, prof)
+        delta = tau * g
     # The increment z - zbar itself: forming zbar and subtracting it from z again cancels at small tau.
     inc = prof.difference(u, delta)
-    zbar = z - inc
-    out = inc / (tau * n)
+    zbar = z - inc if rule.targets else None
     term = None
     if rule.surrogate:
         dot = -torch.dot(inc.reshape(-1), lam.reshape(-1))
@@ -587,6 +597,8 @@ def activation_state(rule: FiniteDifference, site: Any, signal: Signal) -> State
             term = dot + (prof.gap(u, u - delta) / (tau * n)).sum()
         else:
             term = dot + prof.total_gap(u, delta, inc) / (tau * n)
+    # inc is this rule's own fresh tensor, read for the last time: divide it in place.
+    out = inc.div_(tau * n) if isinstance(tau, float | int) else inc / (tau * n)
     return StateUpdate(Dual(out), SurrogateInfo("finite difference", term=term, target=zbar, spacing=tau))
 
 
@@ -602,7 +614,8 @@ def affine_state(rule: FiniteDifference, site: Any, signal: Signal) -> StateUpda
     n = _per_sample(rule.batch_mean, u)
     tau = rule.spacing(site, u, lam * n, None)
     term, target = _output_term(site, lam, tau, n)
-    return StateUpdate(Dual(dx), SurrogateInfo("vjp", term=term, target=target, spacing=tau))
+    return StateUpdate(Dual(dx), SurrogateInfo("vjp", term=term, target=target if rule.targets else None,
+                                               spacing=tau))
 
 
 def is_activation(module: nn.Module) -> bool:
@@ -667,7 +680,7 @@ def penalty_weight(rule: PenaltyEnergy, site: Any, signal: Signal) -> WeightUpda
 
 
 def fenchel(tau: float | Spacing = 1.0, *, batch_mean: bool = True, step: float = 1.0,
-            surrogate: bool = True) -> Any:
+            surrogate: bool = True, targets: bool = False) -> Any:
     """Fenchel back-propagation (002 Sec. 4.2.2): ``grad`` objective, :class:`FiniteDifference`
     states (finite differences on activations, vjps on affine stages) and ``grad`` weights at the
     forward states (002 eq. 62).
@@ -678,6 +691,8 @@ def fenchel(tau: float | Spacing = 1.0, *, batch_mean: bool = True, step: float 
         batch_mean: read spacings per sample (see the module docstring).
         step: the weight step of ``Oracle.step``; ``Oracle.backward`` ignores it.
         surrogate: report the terms of 002 eq. 57 for :func:`contrastive_surrogate`.
+        targets: keep each activation's target ``xbar_t`` in its :class:`SurrogateInfo` (memory:
+            one activation-sized tensor per stage).
 
     Example:
         >>> oracle = mg.Oracle(chain, mg.losses.CrossEntropy(), mg.rules.fenchel(AdaptiveSpacing()))
@@ -685,8 +700,8 @@ def fenchel(tau: float | Spacing = 1.0, *, batch_mean: bool = True, step: float 
     """
     from . import Rule
 
-    return Rule(objective=Grad(), state=FiniteDifference(as_spacing("fenchel", tau), batch_mean, surrogate),
-                weight=Grad(step))
+    return Rule(objective=Grad(), state=FiniteDifference(as_spacing("fenchel", tau), batch_mean, surrogate,
+                                                         targets), weight=Grad(step))
 
 
 def contrastive_backprop(tau: float | Spacing = 1.0, *, batch_mean: bool = True, step: float = 1.0) -> Any:
