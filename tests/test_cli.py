@@ -98,11 +98,16 @@ def finite_numbers(obj) -> int:
 
 
 def check_script_outputs(out: Path) -> None:
-    """A script experiment (002 Fig. 1) writes its own results.json and figures."""
+    """A script experiment (002 Fig. 1) writes its own results.json, figures, and a summary.md with
+    a verdict on its claim (issue 14)."""
     results = json.loads((out / "results.json").read_text())
     assert finite_numbers(results) > 10
     pngs = list(out.glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
+    assert results["verdict"]["verdict"] in runner.verdict.VERDICTS
+    assert results["verdict"]["checks"] and results["status"] == "complete"
+    summary = (out / "summary.md").read_text()
+    assert "## Verdict" in summary and f"**{results['verdict']['verdict']}**" in summary
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -509,3 +514,21 @@ def test_preset_parameters_are_checked(tmp_path):
         methods.rule({"rule": "fenchel", "spacing": "adaptiv"})
     with pytest.raises(ValueError, match="tau"):
         methods.rule({"rule": "fenchel", "tau": -1.0})
+
+
+def test_script_verdicts_show_in_list_and_seeds_need_the_placeholder(tmp_path, capsys):
+    """`moreaugrad list` shows a script experiment's own verdict; `--seeds N` on a script config whose
+    args do not pass ``{seeds}`` on is refused (exit 2) instead of running one seed."""
+    runs = tmp_path / "runs"
+    assert cli.main(["run", "002_fig1", "--smoke", "--out", str(runs / "002_fig1-smoke"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["list", "--runs", str(runs)]) == 0
+    printed = capsys.readouterr().out
+    word = json.loads((runs / "002_fig1-smoke" / "results.json").read_text())["verdict"]["verdict"]
+    assert "002_fig1-smoke [smoke, 1 seed, complete]" in printed and word in printed
+    cfg = tmp_path / "script.toml"
+    script = Path(cli.__file__).parents[2] / "experiments" / "fenchel" / "fig1.py"
+    cfg.write_text(f'name = "s"\nkind = "script"\nscript = "{script}"\n'
+                   f'args = ["--smoke", "--out", "{{out}}"]\n')
+    assert cli.main(["run", str(cfg), "--seeds", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "do not pass {seeds} on" in capsys.readouterr().err

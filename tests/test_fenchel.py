@@ -655,7 +655,8 @@ def test_fenchel_targets_are_kept_only_on_request(tau):
     lam5 = (torch.softmax(out, 1) - F.one_hot(y, 3).to(DTYPE)) / B
     u3 = model[:3](x)
     lam4 = lam5 @ model[4].weight
-    torch.testing.assert_close(kept.info[3].state.target, torch.relu(u3 - tau * B * lam4), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kept.info[3].state.target, torch.relu(u3 - tau * B * lam4),
+                               rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(kept.info[4].state.target, out - tau * B * lam5, rtol=1e-12, atol=1e-14)
 
 

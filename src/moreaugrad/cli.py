@@ -206,7 +206,12 @@ def _run_script(script: Any, out: Path, args: argparse.Namespace, data_dir: Path
     """A ``kind = "script"`` experiment: its own program, outputs and (no) resume."""
     import subprocess
 
+    from . import runner
+
     n = getattr(args, "seeds", None) or script.config.get("seeds", 1)
+    if n > 1 and not any("{seeds}" in a for a in script.args):
+        raise runner.ConfigError(f"{script.source}: {n} seeds asked for, but this script config's args "
+                                  f"do not pass {{seeds}} on, so its script would run one seed")
     cmd = script.command(args.seed, out, args.device, data_dir, n)
     print(f"moreaugrad: {script.source} ({script.scale}) runs its own script:\n  {' '.join(cmd)}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -338,15 +343,19 @@ def _verdicts(runs: Path) -> dict[str, list[tuple[str, str]]]:
     for path in sorted(runs.glob("*/results.json")):
         try:
             results = runner.store.read_json(path)
-            if not isinstance(results, dict) or results.get("format") != 1:
+            if not isinstance(results, dict):
                 continue
-            v = runner.verdict.verdict(results)
+            if results.get("format") == "script":  # a script experiment's own verdict
+                word, n = results["verdict"]["verdict"], len(results["seeds"])
+            elif results.get("format") == 1:
+                word, n = runner.verdict.verdict(results).verdict, runner.seeds.n_seeds(results)
+            else:
+                continue
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        n = runner.seeds.n_seeds(results)
         where = f"{path.parent.name} [{results.get('scale')}, {n} seed{'s' if n > 1 else ''}, " \
                 f"{results.get('status')}]"
-        found.setdefault(results["experiment"]["name"], []).append((where, v.verdict))
+        found.setdefault(results["experiment"]["name"], []).append((where, word))
     return found
 
 
