@@ -14,6 +14,8 @@ for and returned as such: the prox point ``u = x + y`` (``prox``) is never forme
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -342,7 +344,60 @@ def max_pool_increment(x: Tensor, c: Tensor, kernel: tuple[int, ...]) -> tuple[T
     ``c_j < 0`` the best of the local minima raises the largest entry by ``|c_j|`` (the value there,
     ``c_j x_max - c_j^2/2``, is a lower bound of every other point). All in differences to the
     window's maximum, so ``y = -c_j`` on a lone maximum is exact at any scale.
+
+    Windows of up to :data:`SMALL_WINDOW` entries (2x2, 3x3 pooling) are sorted by a
+    compare-exchange network on strided views of ``x`` (:func:`_pool_by_network`): no copy of the
+    windows and no sort; larger ones by ``torch.sort`` (:func:`_pool_by_sort`). Both give the same
+    increment, to the order of additions.
     """
+    if math.prod(kernel) <= SMALL_WINDOW:
+        return _pool_by_network(x, c, kernel), SolveInfo("closed form: max over windows")
+    return _pool_by_sort(x, c, kernel), SolveInfo("closed form: max over windows")
+
+
+SMALL_WINDOW = 9
+
+
+def _pool_by_network(x: Tensor, c: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    """:func:`max_pool_increment` on the ``m`` strided views ``x[..., a::k0, b::k1]`` (one per window
+    position, row-major as the sort path orders them): the sorted entries come from an insertion
+    network of ``m (m - 1)/2`` compare-exchanges, the simplex level as in the sort path, and each
+    view's increment is written back into its strided place."""
+    n = len(kernel)
+    outs = c.shape[-n:]
+    places = [(..., *(slice(o, o + size * k, k) for o, size, k in zip(offs, outs, kernel, strict=True)))
+              for offs in itertools.product(*(range(k) for k in kernel))]
+    views = [x[p] for p in places]
+    top = functools.reduce(torch.maximum, views)
+    d = [v - top for v in views]  # <= 0, exactly 0 at the maximum
+    s = list(d)
+    for i in range(1, len(s)):  # insertion network: s descending
+        for j in range(i, 0, -1):
+            s[j - 1], s[j] = torch.maximum(s[j - 1], s[j]), torch.minimum(s[j - 1], s[j])
+    # level_k = (s_1 + ... + s_k - c) / k; the level is level_K, K = #{k: s_k > level_k} (at least 1)
+    csum, levels, count = None, [], None
+    for k, sk in enumerate(s, start=1):
+        csum = sk if csum is None else csum + sk
+        levels.append((csum - c) / k)
+        above = (sk > levels[-1]).to(torch.int8)
+        count = above if count is None else count + above
+    level = levels[0]
+    for k in range(2, len(levels) + 1):
+        level = torch.where(count == k, levels[k - 1], level)
+    neg = c < 0
+    raised = (-c).clamp_min(0)
+    y = torch.zeros_like(x)
+    taken = torch.zeros_like(neg)
+    for p, di in zip(places, d, strict=True):
+        first = (di == 0) & ~taken  # c < 0: only the (first) maximum moves, up by |c|
+        taken |= first
+        yi = di.sub_(level).clamp_min_(0).neg_()  # c >= 0: the largest entries down to the level
+        y[p] = torch.where(neg, raised * first, yi)
+    return y
+
+
+def _pool_by_sort(x: Tensor, c: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    """:func:`max_pool_increment` by ``torch.sort`` on a copy of the windows (any window size)."""
     n = len(kernel)
     outs = c.shape[-n:]
     xs = x[(..., *(slice(0, o * k) for o, k in zip(outs, kernel, strict=True)))]
@@ -371,7 +426,7 @@ def max_pool_increment(x: Tensor, c: Tensor, kernel: tuple[int, ...]) -> tuple[T
     if y.shape != x.shape:  # rows and columns past the last window
         y = F.pad(y, [p for o, k, size in zip(reversed(outs), reversed(kernel), reversed(x.shape[-n:]),
                                               strict=True) for p in (0, size - o * k)])
-    return y, SolveInfo("closed form: max over windows")
+    return y
 
 
 # -- objectives ---------------------------------------------------------------------------------
