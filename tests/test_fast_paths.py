@@ -282,3 +282,36 @@ def test_control_rows_fuse_and_equal_autograd():
     P.objective(chain()).backward()
     torch.testing.assert_close(got, chain.controls.grad, rtol=1e-10, atol=1e-14)
 
+
+
+def test_backward_hands_its_directions_to_grad_and_guards_them():
+    """Where ``.grad`` is None, ``backward`` puts the direction itself in ``.grad`` (no copy, as
+    autograd does); the values equal ``oracle(x, y)``'s. A later in-place change of ``.grad`` (a
+    second backward) makes reading the first result's directions raise, never return changed
+    values; a tied weight (two stages, two directions) is never handed over, and equals autograd."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(7, 5), torch.arange(7) % 3
+    oracle = mg.Oracle(model, mg.losses.CrossEntropy())
+    want = oracle(x, y).directions
+    first = oracle.backward(x, y)
+    assert first.directions[0]["weight"] is model[0].weight.grad
+    for d, w in zip(first.directions, want, strict=True):
+        if d is not None:
+            for n in d:
+                torch.testing.assert_close(d[n], w[n], rtol=0, atol=0)
+    second = oracle.backward(x, y)  # accumulates in place into the handed-over tensors
+    torch.testing.assert_close(model[0].weight.grad, 2 * want[0]["weight"])
+    with pytest.raises(RuntimeError, match="modified in place since"):
+        _ = first.directions
+    torch.testing.assert_close(second.directions[0]["weight"], want[0]["weight"], rtol=0, atol=0)
+
+    lin = nn.Linear(4, 4)
+    tied = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 2))
+    xt, yt = torch.randn(6, 4), torch.arange(6) % 2
+    res = mg.Oracle(tied, mg.losses.CrossEntropy()).backward(xt, yt)
+    got = lin.weight.grad.clone()
+    assert all(d["weight"] is not lin.weight.grad for d in (res.directions[0], res.directions[2]))
+    tied.zero_grad()
+    mg.losses.CrossEntropy()(tied(xt), yt).backward()
+    torch.testing.assert_close(got, lin.weight.grad)

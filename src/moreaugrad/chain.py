@@ -37,6 +37,32 @@ class Slot:
         return self.param.grad if self.index is None else self.param.grad[self.index]
 
 
+class Handover:
+    """Which directions one :meth:`Oracle.backward` may put in ``.grad`` as they are, not copied.
+
+    Only parameters that get exactly one direction in the call (``params``; a tied weight gets one
+    per stage, and the second would be added in place into the first), each tensor at most once,
+    and only a tensor that is its whole storage (so no other tensor of the result, nor a buffer
+    of the library, shares its memory; autograd's weight gradients are often transposed views of
+    such a temporary), not in a graph, contiguous, in the parameter's dtype and device.
+    """
+
+    def __init__(self, params: set[int]):
+        self.params = params
+        self.tensors: set[int] = set()
+
+    def take(self, d: Tensor, p: Tensor) -> bool:
+        if id(p) not in self.params or id(d) in self.tensors:
+            return False
+        if not (d.layout == torch.strided and not d.requires_grad and d.is_contiguous()
+                and d.dtype == p.dtype and d.device == p.device
+                and d.untyped_storage().nbytes() == d.numel() * d.element_size()):
+            return False
+        self.params.discard(id(p))
+        self.tensors.add(id(d))
+        return True
+
+
 def plain(module: object) -> bool:
     """Whether ``module`` computes what its type says, so closed forms registered for the type hold.
 
@@ -192,18 +218,19 @@ class Stage:
         return control if x is None else control.to(x.dtype)
 
     @torch.no_grad()
-    def accumulate(self, direction: Weights) -> None:
+    def accumulate(self, direction: Weights, handover: Handover | None = None) -> None:
         """``p.grad += d_t`` for each parameter in ``direction``, like ``loss.backward()``.
 
         A parameter without an entry (one the stage does not use) keeps its ``.grad``, as autograd
-        leaves it.
+        leaves it. Where ``.grad`` is None it becomes a copy of ``d_t``, or ``d_t`` itself where
+        ``handover`` allows it (no copy, as autograd hands over its gradient buffer).
         """
         for s in self.slots:
             if s.name not in direction:
                 continue
             d = direction[s.name]
             if s.param.grad is None and s.index is None and d.shape == s.param.shape:
-                s.param.grad = d.detach().clone()  # one pass, not zeros and an add (nor an alias)
+                s.param.grad = d if handover is not None and handover.take(d, s.param) else d.detach().clone()
             else:
                 s.grad_view().add_(d)
 

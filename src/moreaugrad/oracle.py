@@ -6,13 +6,13 @@ import contextlib
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .chain import Chain
+from .chain import Chain, Handover
 from .losses import Regularizer, check_objective
 from .rules import Rule, backprop
 from .rules.grad import plain_vjp
@@ -49,6 +49,43 @@ class OracleResult:
     info: list[StageInfo]
     input_signal: Signal | None = None
     input_grad: Tensor | None = None
+
+
+class Accumulated(OracleResult):
+    """What :meth:`Oracle.backward` returns: an :class:`OracleResult` whose directions may be the
+    very tensors now in ``p.grad`` (where ``.grad`` was None, the direction is handed over, not
+    copied, as autograd hands over its gradient buffer).
+
+    Reading :attr:`directions` after one of them was changed in place (a second ``backward``
+    accumulating into ``.grad``, ``clip_grad_norm_``, ``zero_grad(set_to_none=False)``) raises
+    instead of returning the changed values: the version counters of the tensors are compared to
+    the ones they had when ``backward`` returned. Use ``oracle(x, y)`` for directions of your own.
+    """
+
+    _versions: tuple[tuple[int, str, Tensor, int], ...] = ()
+
+    @property  # type: ignore[override]
+    def directions(self) -> list[Weights | None]:
+        for t, name, d, version in self._versions:
+            if d._version != version:
+                raise RuntimeError(
+                    f"OracleResult.directions: the direction of stage {t + 1}, parameter {name!r}, is "
+                    f"the tensor Oracle.backward put in .grad, and it was modified in place since "
+                    f"(version {d._version}, was {version}: another backward, a gradient clip or "
+                    f"zero_grad(set_to_none=False)). Read the directions before, or take them from "
+                    f"oracle(x, y), which leaves .grad alone.")
+        return self._directions
+
+    @directions.setter
+    def directions(self, value: list[Weights | None]) -> None:
+        self._directions = value
+
+    @classmethod
+    def of(cls, result: OracleResult) -> Accumulated:
+        new = cls(**{f.name: getattr(result, f.name) for f in fields(result)})
+        new._versions = tuple((t, n, d, d._version) for t, ds in enumerate(new._directions) if ds
+                              for n, d in ds.items())
+        return new
 
 
 class Oracle:
@@ -215,7 +252,7 @@ class Oracle:
         statistics, as any forward does)."""
         return self._run(x, y)
 
-    def backward(self, x: Tensor | None = None, y: Any = None) -> OracleResult:
+    def backward(self, x: Tensor | None = None, y: Any = None) -> Accumulated:
         """Accumulate each stage's direction ``d_t`` into ``p.grad``, like ``loss.backward()``.
 
         If ``x`` requires grad, ``signal_0`` is returned as ``result.input_signal`` and
@@ -224,13 +261,17 @@ class Oracle:
         ``x`` defaults to the stored ``x0``.
         """
         result = self._run(x, y)
-        for stage, d in zip(self.chain.stages, result.directions, strict=True):
+        stages = self.chain.stages
+        entries = Counter(id(s.param) for st, d in zip(stages, result.directions, strict=True) if d
+                          for s in st.slots if s.name in d)
+        handover = Handover({p for p, n in entries.items() if n == 1})
+        for stage, d in zip(stages, result.directions, strict=True):
             if d is not None:
-                stage.accumulate(d)
+                stage.accumulate(d, handover)
         if result.input_signal is not None:
             # Accumulates into x.grad for a leaf and flows on to the leaves of a non-leaf x.
             torch.autograd.backward(self.chain.input(x), result.input_grad)
-        return result
+        return Accumulated.of(result)
 
     def step(self, x: Tensor | None = None, y: Any = None) -> OracleResult:
         """The paper's own update ``w_t <- w_t - s_t d_t = w_t^+`` for every stage (000 Algo 6).
