@@ -270,9 +270,12 @@ def verdict(datasets: dict[str, Any], seeds: int, smoke: bool) -> dict[str, Any]
                      if p == panel and lab.startswith("FenBP tau=")}
             best = min(fixed, key=lambda lab: fixed[lab][0])
             outcome = compare(fixed[best], bp)
+            others = ", ".join(f"{lab.removeprefix('FenBP ')} {_pm(v)}" for lab, v in fixed.items()
+                               if lab != best)
             checks.append({"dataset": name, "panel": panel, "ok": outcome != "worse",
                            "line": f"{name}, {PANELS[panel]}: {best} vs BP: {outcome}, train error "
-                                   f"{_pm(fixed[best])} vs {_pm(bp)}"})
+                                   f"{_pm(fixed[best])} vs {_pm(bp)}"
+                                   + (f" (the other spacings: {others})" if others else "")})
         bp, fen = agg[("negative", "BP")]["train_error"], agg[("negative", "FenBP adaptive")]["train_error"]
         outcome = compare(fen, bp)
         checks.append({"dataset": name, "panel": "negative", "ok": outcome == "better" and bp[0] > 0.5,
