@@ -50,6 +50,22 @@ class Handover:
     def __init__(self, params: set[int]):
         self.params = params
         self.tensors: set[int] = set()
+        self.rows: dict[int, tuple[Tensor, list[tuple[int, Tensor]]]] = {}
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Write the collected rows: ``p.grad`` is their stack when they are every row of ``p`` in
+        order and ``.grad`` is None (one new tensor), else one ``index_add_``."""
+        for p, items in self.rows.values():
+            index = [i for i, _ in items]
+            rows = torch.stack([d.to(p.dtype) for _, d in items])
+            if p.grad is None and index == list(range(p.shape[0])):
+                p.grad = rows
+            else:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.index_add_(0, torch.tensor(index, device=p.device), rows)
+        self.rows.clear()
 
     def take(self, d: Tensor, p: Tensor) -> bool:
         if id(p) not in self.params or id(d) in self.tensors:
@@ -217,22 +233,26 @@ class Stage:
         control = self.control.value()
         return control if x is None else control.to(x.dtype)
 
-    @torch.no_grad()
     def accumulate(self, direction: Weights, handover: Handover | None = None) -> None:
         """``p.grad += d_t`` for each parameter in ``direction``, like ``loss.backward()``.
 
         A parameter without an entry (one the stage does not use) keeps its ``.grad``, as autograd
         leaves it. Where ``.grad`` is None it becomes a copy of ``d_t``, or ``d_t`` itself where
-        ``handover`` allows it (no copy, as autograd hands over its gradient buffer).
+        ``handover`` allows it (no copy, as autograd hands over its gradient buffer). With a
+        ``handover``, rows of a parameter (a control chain's ``w_t``) are collected in it and
+        written by :meth:`Handover.flush` in one operation per parameter, not one per stage.
         """
         for s in self.slots:
             if s.name not in direction:
                 continue
             d = direction[s.name]
-            if s.param.grad is None and s.index is None and d.shape == s.param.shape:
+            if s.index is not None and handover is not None:
+                handover.rows.setdefault(id(s.param), (s.param, []))[1].append((s.index, d))
+            elif s.param.grad is None and s.index is None and d.shape == s.param.shape:
                 s.param.grad = d if handover is not None and handover.take(d, s.param) else d.detach().clone()
             else:
-                s.grad_view().add_(d)
+                with torch.no_grad():
+                    s.grad_view().add_(d)
 
     @torch.no_grad()
     def update(self, direction: Weights, step: float) -> None:

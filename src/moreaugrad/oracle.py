@@ -268,6 +268,7 @@ class Oracle:
         for stage, d in zip(stages, result.directions, strict=True):
             if d is not None:
                 stage.accumulate(d, handover)
+        handover.flush()
         if result.input_signal is not None:
             # Accumulates into x.grad for a leaf and flows on to the leaves of a non-leaf x.
             torch.autograd.backward(self.chain.input(x), result.input_grad)
@@ -334,6 +335,9 @@ class UnderflowError(FloatingPointError):
 
 def _in_param_dtypes(stage: Any, direction: Weights) -> Weights:
     """The directions in their parameters' dtypes (a float32 sweep of a half-precision model)."""
+    if all(s.param.dtype == direction[s.name].dtype for s in stage.slots if s.name in direction) \
+            and len(direction) <= len(stage.slots):
+        return direction  # the common case: nothing to cast
     dtypes = {s.name: s.param.dtype for s in stage.slots}
     out = {}
     for n, d in direction.items():

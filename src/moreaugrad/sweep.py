@@ -262,6 +262,9 @@ def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | Non
     return Tape(sites, x)
 
 
+NONE_UNUSED: frozenset[str] = frozenset()
+
+
 def fused_vjp(sites: list[Site], lam: Tensor) -> tuple[Tensor | None, list[tuple[Tensor | None, ...]]]:
     """The vjps of consecutive stages (``sites`` top first, each but the last attached to the one
     below) in one autograd call, as ``loss.backward()`` takes them: ``(dx, dws)`` with ``dx`` the
@@ -282,8 +285,8 @@ def fused_vjp(sites: list[Site], lam: Tensor) -> tuple[Tensor | None, list[tuple
     dws = []
     for s in sites:
         dw = tuple(next(it) for _ in s.w)
-        s.__dict__["unused"] = frozenset(n for (n, w), g in zip(s.w.items(), dw, strict=True)
-                                         if g is None and w.grad_fn is None)
+        s.__dict__["unused"] = NONE_UNUSED if all(g is not None for g in dw) else frozenset(
+            n for (n, w), g in zip(s.w.items(), dw, strict=True) if g is None and w.grad_fn is None)
         dws.append(dw)
     if bottom.batch_sum is not None:
         dws = _summed(bottom.batch_sum, dws)
@@ -317,6 +320,8 @@ def _segment(sites: list[Site], top: int) -> list[Site]:
 
 
 def _stochastic(module: nn.Module) -> bool:
+    if not module._modules:  # a leaf (the common case, and every dynamics step): no walk
+        return isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
                for m in module.modules())
 
