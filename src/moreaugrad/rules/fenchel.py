@@ -227,7 +227,11 @@ def _relu_difference(u: Tensor, delta: Tensor) -> Tensor:
     """``relu(u) - relu(u - delta)`` as :func:`_piecewise_difference` gives it for ReLU, in five
     passes: the overlap of ``I`` with ``[0, inf)`` is ``clip(u + (-delta)_+, 0, |delta|)``, signed
     like ``delta``."""
-    inc = (u - delta.clamp_max(0)).clamp_min_(0)
+    inc = delta.clamp_max(0)
+    if inc.shape == u.shape:  # one temporary the size of u, not two
+        torch.sub(u, inc, out=inc).clamp_min_(0)
+    else:  # delta broadcasts against u
+        inc = (u - inc).clamp_min_(0)
     return torch.minimum(inc, delta.abs(), out=inc).copysign_(delta)
 
 
