@@ -381,9 +381,11 @@ def _pool_by_network(x: Tensor, c: Tensor, kernel: tuple[int, ...]) -> Tensor:
         levels.append((csum - c) / k)
         above = (sk > levels[-1]).to(torch.int8)
         count = above if count is None else count + above
+    del s, csum, above
     level = levels[0]
     for k in range(2, len(levels) + 1):
         level = torch.where(count == k, levels[k - 1], level)
+    del levels, count  # the window's temporaries go before y is formed
     neg = c < 0
     raised = (-c).clamp_min(0)
     y = torch.zeros_like(x)
