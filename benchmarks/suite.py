@@ -227,8 +227,13 @@ def run_model(model: Model, args: argparse.Namespace, peer: Any, device: torch.d
                 bar.update()
         bar.close()
         if args.memory:
+            module = work.module
+
+            def reset() -> None:
+                module.zero_grad(set_to_none=True)
+
             for case in active:
-                case.peak_bytes = peak_bytes(case.call, device)
+                case.peak_bytes = peak_bytes(case.call, device, reset=reset)
         if args.profile:
             for case in active:
                 case.profile = profile_table(case.call, device, args.profile)
