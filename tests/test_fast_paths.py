@@ -76,9 +76,15 @@ CASES = [("linear", 2), ("linear", 9), ("conv", 1), ("conv", 3)]
 @pytest.mark.parametrize("kind,batch", CASES)
 @pytest.mark.parametrize("steps", [1, 3, 6])
 @pytest.mark.parametrize("per_output", [False, True])
-def test_cg_rows_equal_dense_cg(kind, batch, steps, per_output):
+@pytest.mark.parametrize("path", ["chosen", "gram", "layer"])
+def test_cg_rows_equal_dense_cg(kind, batch, steps, per_output, path, monkeypatch):
     """``CG(k)`` and ``CG(k, per_output=True)`` on the rows equal dense CG on ``kappa A~^T A~ + c I``:
-    one CG on all weights (Kronecker form), or one per output row."""
+    one CG on all weights (Kronecker form), or one per output row; through the Gram matrix and
+    through the layer's kernels alike, whichever the cost model would pick."""
+    import moreaugrad.lstsq as lstsq
+
+    if path != "chosen":
+        monkeypatch.setattr(lstsq, "_by_layer", lambda rows, steps, out: path == "layer")
     m, x, site, r = case(kind, batch)
     kappa, c, scale = 1.3, 0.7, 0.4
     A = dense_rows(m, x)

@@ -348,6 +348,18 @@ def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
     return torch.linalg.pinv(K, hermitian=True) @ B
 
 
+# The Gram matrix of a convolution needs its unfolded patches (``N k~`` entries written, then copied):
+# on CPU that costs about as much as 128 multiply-adds per entry (004 ConvNet and All-CNN-C, torch
+# 2.13, 2 threads: the Gram path of conv1 took 3x its three layer-kernel CG steps).
+UNFOLD_COST = 128
+
+
+def _by_layer(rows: _Rows, steps: int, out: int) -> bool:
+    """Whether CG applies the operator by the layer's kernels rather than the Gram matrix: ``2 N k~
+    out`` a step against ``N k~ (k~ + U)`` once, ``U`` the unfolding's cost for a convolution."""
+    return rows.k + (UNFOLD_COST if rows.conv else 0) >= 2 * steps * out
+
+
 def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: float,
              extra: Tensor | None = None, groups: int = 1, batch_sum: Any = None) -> tuple[Tensor, SolveInfo]:
     """CG on ``V (kappa A~^T A~ + c I) = R^T A~ + extra`` over weights ``V`` (``out x k~``), one CG
@@ -357,7 +369,8 @@ def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: fl
     The operator is applied through whichever costs less: the Gram matrix ``G = A~^T A~`` (formed
     once in ``N k~^2`` flops, then ``out k~^2`` a step), or the layer and its weight gradient
     (``V -> R(V)^T A~`` with ``R(V) = A~ V^T``, ``2 N k~ out`` a step, by the layer's own kernels);
-    the Gram matrix wins when ``k~ < 2 steps out``. When the batch ``N`` of a
+    the Gram matrix wins when ``k~ < 2 steps out`` (for a convolution, ``k~ + UNFOLD_COST``). When
+    the batch ``N`` of a
     ``Linear`` layer is below ``k~`` and there is no ``extra``, every iterate lies in the row space
     of ``A~`` (the right-hand side does, and the operator keeps it there) and CG runs on
     coefficients ``Z`` with ``V = Z A~`` instead: the operator is ``Z -> Z (kappa S + c I)`` and the
@@ -372,7 +385,7 @@ def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: fl
                         metric=lambda v: [v[0] @ S])
         return rows.times(z), info
     out = rows.weight_shape[0]
-    if local and rows.k >= 2 * steps * out:  # 2 N k~ out a step: cheaper than the Gram matrix's N k~^2
+    if local and _by_layer(rows, steps, out):
         rhs = rows.rta(r) if extra is None else rows.rta(r) + extra
         (d,), info = cg(lambda v: [kappa * rows.rta(rows.layer(v[0])) + c * v[0]], [rhs], steps, groups, tol)
         return d, info
