@@ -352,7 +352,13 @@ def activation_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     prim = envelope.primitive(site.stage.module)
     if prim is None:  # parameters without a closed form (Softplus beta <= 0, ELU alpha < 0)
         return generic_state(rule, site, signal)
-    y, info = prim.increment(x, gamma * signal.dual(site.x.detach()))
+    lam = signal.dual(site.x.detach())
+    c = lam if gamma == 1 else gamma * lam
+    if isinstance(prim, envelope.ReLUProx):  # x - u directly, scaled in place: no extra passes
+        moved = prim.moved(x, c)
+        return StateUpdate(Dual(moved if beta == 1 else moved.mul_(beta)),
+                           SolveInfo("closed form: piecewise linear"))
+    y, info = prim.increment(x, c)
     return StateUpdate(Dual(-beta * y), info)
 
 
