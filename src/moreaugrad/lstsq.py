@@ -277,10 +277,13 @@ class _Rows:
         xxT = self.x @ self.x.T
         return xxT + 1 if self.bias else xxT
 
-    def times(self, z: Tensor) -> Tensor:
-        """``Z A~`` (``out x k~``) for coefficients ``Z`` (``out x N``) of a ``Linear`` layer."""
-        za = z @ self.x
-        return torch.cat([za, z.sum(1, keepdim=True)], 1) if self.bias else za
+    def times(self, z: Tensor) -> Weights:
+        """``Z A~`` for coefficients ``Z`` (``out x N``) of a ``Linear`` layer, as the layer's weights:
+        ``Z a`` and ``Z 1``, each its own tensor (no ``out x k~`` matrix to split and copy)."""
+        out = {"weight": z @ self.x}
+        if self.bias:
+            out["bias"] = z.sum(1)
+        return out
 
     def stack(self, w: Weights) -> Tensor:
         """``W~ = [W, b]`` (``out x k~``) from the stage's weights, the inverse of :meth:`weights`."""
@@ -310,8 +313,9 @@ def _rows(site: Any) -> _Rows | None:
 
 
 def _ridge_rows(rows: _Rows, r: Tensor, kappa: float, c: float, extra: Tensor | None = None,
-                rcond: float = 0.0, batch_sum: Any = None) -> Tensor:
-    """``(R^T A~ + extra) (kappa A~^T A~ + c I)^{-1}`` for the rows ``R`` of ``r``: one symmetric
+                rcond: float = 0.0, batch_sum: Any = None) -> Weights:
+    """``(R^T A~ + extra) (kappa A~^T A~ + c I)^{-1}`` for the rows ``R`` of ``r``, as the layer's
+    weights (tensors of the solver's own, which the caller may change in place): one symmetric
     solve of size ``k~`` (004 eq. 44), or of size ``N`` when the batch is the smaller side of a
     ``Linear`` layer and there is no ``extra``, by the push-through identity
     ``A~ (kappa A~^T A~ + c I)^{-1} = (kappa A~ A~^T + c I)^{-1} A~``. With ``batch_sum`` (a
@@ -322,13 +326,13 @@ def _ridge_rows(rows: _Rows, r: Tensor, kappa: float, c: float, extra: Tensor | 
             raise NotImplementedError(
                 "lstsq: plain least squares (c = 0, target propagation's fits) is solved by the "
                 "pseudo-inverse of the rows, which a data-parallel batch does not hold on one rank")
-        return (torch.linalg.pinv(rows.matrix(), rtol=rcond) @ rows.rows(r)).T / kappa
+        return rows.weights((torch.linalg.pinv(rows.matrix(), rtol=rcond) @ rows.rows(r)).T / kappa)
     eye = functools.partial(torch.eye, dtype=rows.x.dtype, device=rows.x.device)
     if c > 0 and n < k and extra is None and not rows.conv and batch_sum is None:
         return rows.times(_sym_solve(kappa * rows.outer() + c * eye(n), rows.rows(r), c).T)
     G, rhs = _gram_and_rhs(rows, r, batch_sum)
     rhs = rhs if extra is None else rhs + extra
-    return _sym_solve(kappa * G + c * eye(k), rhs.T, c).T
+    return rows.weights(_sym_solve(kappa * G + c * eye(k), rhs.T, c).T)
 
 
 def _gram_and_rhs(rows: _Rows, r: Tensor, batch_sum: Any) -> tuple[Tensor, Tensor]:
@@ -361,7 +365,8 @@ def _by_layer(rows: _Rows, steps: int, out: int) -> bool:
 
 
 def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: float,
-             extra: Tensor | None = None, groups: int = 1, batch_sum: Any = None) -> tuple[Tensor, SolveInfo]:
+             extra: Tensor | None = None,
+             groups: int = 1, batch_sum: Any = None) -> tuple[Weights, SolveInfo]:
     """CG on ``V (kappa A~^T A~ + c I) = R^T A~ + extra`` over weights ``V`` (``out x k~``), one CG
     for all of ``V`` (``groups = 1``) or one per output row (``groups = out``, :class:`CG`'s
     ``per_output``).
@@ -388,11 +393,11 @@ def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: fl
     if local and _by_layer(rows, steps, out):
         rhs = rows.rta(r) if extra is None else rows.rta(r) + extra
         (d,), info = cg(lambda v: [kappa * rows.rta(rows.layer(v[0])) + c * v[0]], [rhs], steps, groups, tol)
-        return d, info
+        return rows.weights(d), info
     G, rhs = _gram_and_rhs(rows, r, batch_sum)
     rhs = rhs if extra is None else rhs + extra
     (d,), info = cg(lambda v: [kappa * (v[0] @ G) + c * v[0]], [rhs], steps, groups, tol)
-    return d, info
+    return rows.weights(d), info
 
 
 def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
@@ -416,7 +421,7 @@ def solve_weight(site: Any, r: Tensor, scale: float, kappa: float, c: float,
         else:
             groups = rows.weight_shape[0] if method.per_output else 1
             d, info = _cg_rows(rows, r, kappa, c + mu, steps, tol, extra, groups, site.batch_sum)
-        return rows.weights(-d), info
+        return {n: v.neg_() for n, v in d.items()}, info  # the solver's own tensors: negated in place
     names = list(site.w)
     g = jtr if jtr is not None else site.vjp(r)[1]  # J_w^T r, exact on the recorded graph
     w = [w_now[n] for n in names]

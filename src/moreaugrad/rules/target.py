@@ -149,7 +149,8 @@ class Proximal(LineRule):
             _, dw = site.vjp(signal.value if isinstance(signal, Dual) else r / self.tau)
             return WeightUpdate(regularized(site, dw), self.tau, SolveInfo("vjp"))
         delta, info = solve_weight(site, r, 0.0, 1.0, 1 / self.tau_theta, self.method)
-        return WeightUpdate(regularized(site, {n: -d / self.tau for n, d in delta.items()}), self.tau, info)
+        direction = {n: d.div(-self.tau) for n, d in delta.items()}
+        return WeightUpdate(regularized(site, direction), self.tau, info)
 
 
 # -- the augmented Lagrangian family -------------------------------------------------------------
@@ -257,7 +258,7 @@ def augmented_linear_weight(rule: Augmented, site: Any, signal: Signal) -> Weigh
         return augmented_generic_weight(rule, site, signal)
     r, _, _ = rule.terms(site, signal)
     delta, info = solve_weight(site, r, rule.beta, rule.kappa, rule.c_weight, rule.method, mu=mu)
-    return WeightUpdate({n: -d / rule.step for n, d in delta.items()}, rule.step, info)
+    return WeightUpdate({n: d.div(-rule.step) for n, d in delta.items()}, rule.step, info)
 
 
 @register(Augmented, "state", nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Hardsigmoid)
@@ -456,7 +457,7 @@ def augmented_generic_weight(rule: Augmented, site: Any, signal: Signal) -> Weig
     mu = _regularizer_mu(site)
     if mu is not None and _tiny(r, site.x):
         delta, info = solve_weight(site, r, rule.beta, rule.kappa, rule.c_weight, LINEARISED, mu=mu)
-        return WeightUpdate({n: -d / rule.step for n, d in delta.items()}, rule.step, info)
+        return WeightUpdate({n: d.div(-rule.step) for n, d in delta.items()}, rule.step, info)
     names = list(site.w)
     work = _work_dtype(site)
     dtypes = [site.w[n].dtype for n in names]
