@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+import moreaugrad as mg
+
 from . import peer as peer_mod
 from .memory import peak_bytes
 from .models import MODELS, TINY, Model
@@ -196,6 +198,13 @@ def run_model(model: Model, args: argparse.Namespace, peer: Any, device: torch.d
     snapshot = {k: v.detach().clone() for k, v in work.module.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if args.compile:  # compile the kernels at this model's shapes, outside every budget
+            for case in cases:
+                if case.active and case.role == "preset":
+                    try:
+                        case.call()
+                    except Exception:  # the warm-up reports it
+                        pass
         for w in range(WARMUP):
             for case in cases:
                 if not case.active:
@@ -227,13 +236,11 @@ def run_model(model: Model, args: argparse.Namespace, peer: Any, device: torch.d
                 bar.update()
         bar.close()
         if args.memory:
-            module = work.module
-
-            def reset() -> None:
-                module.zero_grad(set_to_none=True)
-
             for case in active:
-                case.peak_bytes = peak_bytes(case.call, device, reset=reset)
+                # The case's own module (the reference's mirror net) or the model's.
+                module = getattr(case.call, "module", work.module)
+                case.peak_bytes = peak_bytes(case.call, device,
+                                             reset=lambda m=module: m.zero_grad(set_to_none=True))
         if args.profile:
             for case in active:
                 case.profile = profile_table(case.call, device, args.profile)
@@ -334,6 +341,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budget-floor", type=float, default=None, metavar="S",
                     help="but allow every call at least S seconds (default 1, quick 0.5; twice that "
                          "for a first call)")
+    ap.add_argument("--compile", action="store_true",
+                    help="run the library's fused kernels compiled (mg.kernels.use_compile): each "
+                         "preset is called once, untimed and without a budget, before its warm-up")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the peak-memory call (on CPU it runs under the profiler, which costs "
                          "up to 10x a call made of many small operations)")
@@ -378,8 +388,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The models seed torch's generator and the run sets the thread count: leave both as they were
     # for whoever called main() in-process (the smoke test).
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        compiling = mg.kernels.compiling()
         try:
             torch.set_num_threads(args.threads)
+            mg.kernels.use_compile(args.compile)
             prime(device, dtype)
             for model in models:
                 result = run_model(model, args, peer, device, dtype)
@@ -387,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows += rows_of(result)
         finally:
             torch.set_num_threads(threads)
+            mg.kernels.use_compile(compiling)
     elapsed = time.perf_counter() - t0
     meta = {
         "date": stamp.isoformat(timespec="seconds"), "torch": torch.__version__,
@@ -394,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
         "dtype": args.dtype, "reps": args.reps, "warmup": WARMUP, "quick": args.quick,
         "budget_x_plain": args.budget, "budget_floor_s": args.budget_floor, "only": args.only,
-        "peer": args.peer, "memory": args.memory,
+        "peer": args.peer, "memory": args.memory, "compile": args.compile,
         "elapsed_s": elapsed, "elapsed_per_model_s": per_model,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -402,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     header = (f"moreaugrad benchmarks, {meta['date']}: torch {meta['torch']}, {args.device} "
               f"({meta['device']}), {meta['threads']} threads, {args.dtype}, median of {args.reps} "
-              f"after {WARMUP} warm-up calls{', quick' if args.quick else ''}; load average "
+              f"after {WARMUP} warm-up calls{', quick' if args.quick else ''}"
+              f"{', compiled kernels' if args.compile else ''}; load average "
               f"{load_before[0] if load_before else '?'} before; {elapsed:.0f} s")
     text = header + "\n\n" + table(rows) + "\n"
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
     opt.zero_grad(); oracle.backward(x, y); opt.step()
 """
 
-from . import control, data, distributed, losses, lstsq, rules, second_order, smoothness, solvers
+from . import control, data, distributed, kernels, losses, lstsq, rules, second_order, smoothness, solvers
 from .chain import Chain, Stage
 from .oracle import DivergenceWarning, NonFiniteError, Oracle, OracleResult, UnderflowError
 from .types import Dual, InexactSolveWarning, SolveInfo, Target
@@ -28,6 +28,7 @@ __all__ = [
     "control",
     "data",
     "distributed",
+    "kernels",
     "losses",
     "lstsq",
     "rules",

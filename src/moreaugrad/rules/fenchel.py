@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from ..checks import check_positive
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
 from .grad import Grad, regularized
@@ -228,7 +229,7 @@ def _relu_difference(u: Tensor, delta: Tensor) -> Tensor:
     passes: the overlap of ``I`` with ``[0, inf)`` is ``clip(u + (-delta)_+, 0, |delta|)``, signed
     like ``delta``."""
     inc = delta.clamp_max(0)
-    if inc.shape == u.shape:  # one temporary the size of u, not two
+    if inc.shape == u.shape and inc.dtype == u.dtype:  # one temporary the size of u, not two
         torch.sub(u, inc, out=inc).clamp_min_(0)
     else:  # delta broadcasts against u
         inc = (u - inc).clamp_min_(0)
@@ -584,8 +585,11 @@ def activation_state(rule: FiniteDifference, site: Any, signal: Signal) -> State
     u, z = site.x_prev.detach(), site.x.detach()
     lam = signal.dual(z)
     n = _per_sample(rule.batch_mean, u)
-    if isinstance(rule.spacing, ConstantSpacing):  # g is not read: skip forming it
+    if type(rule.spacing) is ConstantSpacing:  # g is not read: skip forming it (not a subclass)
         tau: float | Tensor = rule.spacing.tau
+        if prof is _RELU and kernels.compiling() and not rule.targets and lam.shape == u.shape:
+            out, term = kernels.fenbp_relu(u, lam, tau * n, rule.surrogate)  # one fused loop
+            return StateUpdate(Dual(out), SurrogateInfo("finite difference", term=term, spacing=tau))
         delta = (tau * n) * lam
     else:
         g = lam * n if n != 1 else lam

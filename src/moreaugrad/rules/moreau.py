@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import envelope
+from .. import envelope, kernels
 from ..chain import Dynamics
 from ..checks import check_positive
 from ..losses import L2, CrossEntropy, SquaredLoss, functional_loss
@@ -355,6 +355,9 @@ def activation_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     lam = signal.dual(site.x.detach())
     c = lam if gamma == 1 else gamma * lam
     if isinstance(prim, envelope.ReLUProx):  # x - u directly, scaled in place: no extra passes
+        if kernels.compiling() and lam.shape == x.shape:
+            return StateUpdate(Dual(kernels.moreau_relu(x, lam, gamma, beta)),
+                               SolveInfo("closed form: piecewise linear"))
         moved = prim.moved(x, c)
         return StateUpdate(Dual(moved if beta == 1 else moved.mul_(beta)),
                            SolveInfo("closed form: piecewise linear"))
