@@ -321,3 +321,61 @@ def test_backward_hands_its_directions_to_grad_and_guards_them():
     tied.zero_grad()
     mg.losses.CrossEntropy()(tied(xt), yt).backward()
     torch.testing.assert_close(got, lin.weight.grad)
+
+
+class _AddParameter(nn.Module):
+    def __init__(self, *shape):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(*shape))
+
+    def forward(self, x):
+        return x + self.b
+
+
+def test_one_memory_under_two_directions_is_copied():
+    """Autograd passes one gradient on unchanged through ``x + b`` (and a reshape): two parameters'
+    directions, or a direction and the input's gradient, can be one memory under two tensors. None
+    of them is handed over to ``.grad``, so a second backward accumulates exactly twice autograd's
+    gradient into each (review finding)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_AddParameter(2, 6), nn.Unflatten(1, (2, 3)), _AddParameter(2, 2, 3))
+    x, y = torch.randn(2, 6, requires_grad=True), torch.randn(2, 2, 3)
+    oracle = mg.Oracle(net, nn.MSELoss(reduction="sum"))
+    first = oracle.backward(x, y)
+    assert net[0].b.grad.untyped_storage().data_ptr() != net[2].b.grad.untyped_storage().data_ptr()
+    input_grad = first.input_grad.clone()
+    oracle.backward(x, y)
+    net2 = [p.grad.clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = None
+    x.grad = None
+    nn.MSELoss(reduction="sum")(net(x), y).backward()
+    for got, p in zip(net2, net.parameters(), strict=True):
+        torch.testing.assert_close(got, 2 * p.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(first.input_grad, input_grad)  # the first result's input_grad unchanged
+
+
+def test_an_accumulated_result_copies_prints_and_compares():
+    """A result of ``backward`` deep-copies, pickles and ``torch.save``s as a plain result (the copy
+    owns its tensors), and its repr and equality never raise, even after ``.grad`` changed."""
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.arange(6) % 3
+    oracle = mg.Oracle(model, mg.losses.CrossEntropy(), mg.rules.moreau())
+    result = oracle.backward(x, y)
+    for clone in (copy.deepcopy(result), pickle.loads(pickle.dumps(result))):
+        assert type(clone) is mg.OracleResult
+        torch.testing.assert_close(clone.directions[0]["weight"], result.directions[0]["weight"])
+    buf = io.BytesIO()
+    torch.save(result, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(saved.directions[2]["bias"], result.directions[2]["bias"])
+    oracle.backward(x, y)  # .grad changes in place: reading result.directions now raises
+    assert repr(result).startswith("Accumulated(") and result == result
+    with pytest.raises(RuntimeError, match="Clone the directions"):
+        _ = result.directions

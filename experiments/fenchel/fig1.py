@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--taus", default="0.05,0.25,1,4", help="comma-separated fixed spacings for FenBP")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small layers: 1 is fastest)")
     parser.add_argument("--smoke", action="store_true", help="2 epochs on 512 training samples, one tau")
+    parser.add_argument("--scale", default=None, choices=["smoke", "default", "full"],
+                        help="the scale recorded in results.json (default: smoke with --smoke, else default)")
     args = parser.parse_args()
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = sorted(set(args.datasets) - set(DATASETS))
@@ -344,11 +346,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    loaders = {"digits": load_digits_data, "mnist1d": lambda seed: load_mnist1d_data(),
-               "mnist": lambda seed: load_mnist_data(args.data_dir)}
+    fixed: dict[str, Data | None] = {}  # MNIST-1D and MNIST do not depend on the seed: loaded once
+
+    def once(name: str, load: Any) -> Data | None:
+        if name not in fixed:
+            fixed[name] = load()
+        return fixed[name]
+
+    loaders = {"digits": load_digits_data,
+               "mnist1d": lambda seed: once("mnist1d", load_mnist1d_data),
+               "mnist": lambda seed: once("mnist", lambda: load_mnist_data(args.data_dir))}
     summary: dict[str, Any] = {
         "format": "script", "experiment": {"name": "002_fig1", "paper": "002 Sec. 5 Fig. 1"},
-        "scale": "smoke" if args.smoke else "default", "status": "running", "seeds": seeds,
+        "scale": args.scale or ("smoke" if args.smoke else "default"), "status": "running", "seeds": seeds,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "setup": "MLP in-64-64-64-out, SGD batch 64 lr 1/8, cross-entropy, Glorot-uniform init (002 Sec. 5)",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -41,16 +42,22 @@ class Handover:
     """Which directions one :meth:`Oracle.backward` may put in ``.grad`` as they are, not copied.
 
     Only parameters that get exactly one direction in the call (``params``; a tied weight gets one
-    per stage, and the second would be added in place into the first), each tensor at most once,
-    and only a tensor that is its whole storage (so no other tensor of the result, nor a buffer
-    of the library, shares its memory; autograd's weight gradients are often transposed views of
-    such a temporary), not in a graph, contiguous, in the parameter's dtype and device.
+    per stage, and the second would be added in place into the first), and only a tensor that is
+    its whole storage, not in a graph, contiguous, in the parameter's dtype and device, whose
+    storage no other tensor of the result uses (``storages``: how many of the result's tensors sit
+    on each storage). Autograd passes one gradient on unchanged through ``x + b``, so two
+    parameters' directions, or a direction and the input's gradient, can be one memory under two
+    tensor objects: those are copied.
     """
 
-    def __init__(self, params: set[int]):
+    def __init__(self, params: set[int], storages: Counter[int]):
         self.params = params
-        self.tensors: set[int] = set()
+        self.storages = storages
         self.rows: dict[int, tuple[Tensor, list[tuple[int, Tensor]]]] = {}
+
+    @staticmethod
+    def storage(t: Tensor) -> int:
+        return t.untyped_storage().data_ptr()
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -68,14 +75,15 @@ class Handover:
         self.rows.clear()
 
     def take(self, d: Tensor, p: Tensor) -> bool:
-        if id(p) not in self.params or id(d) in self.tensors:
+        if id(p) not in self.params:
             return False
         if not (d.layout == torch.strided and not d.requires_grad and d.is_contiguous()
                 and d.dtype == p.dtype and d.device == p.device
-                and d.untyped_storage().nbytes() == d.numel() * d.element_size()):
+                and d.untyped_storage().nbytes() == d.numel() * d.element_size()
+                and self.storages[self.storage(d)] == 1):
             return False
         self.params.discard(id(p))
-        self.tensors.add(id(d))
+        self.storages[self.storage(d)] += 1  # taken: never again
         return True
 
 

@@ -72,9 +72,26 @@ class Accumulated(OracleResult):
                     f"OracleResult.directions: the direction of stage {t + 1}, parameter {name!r}, is "
                     f"the tensor Oracle.backward put in .grad, and it was modified in place since "
                     f"(version {d._version}, was {version}: another backward, a gradient clip or "
-                    f"zero_grad(set_to_none=False)). Read the directions before, or take them from "
-                    f"oracle(x, y), which leaves .grad alone.")
+                    f"zero_grad(set_to_none=False)). Clone the directions before .grad changes, or "
+                    f"take them from oracle(x, y), which leaves .grad alone.")
         return self._directions
+
+    def _plain(self) -> OracleResult:
+        """The same fields as a plain :class:`OracleResult`, without the guard."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "directions"}
+        return OracleResult(directions=self._directions, **values)
+
+    def __repr__(self) -> str:
+        return repr(self._plain()).replace("OracleResult(", "Accumulated(", 1)
+
+    def __eq__(self, other: object) -> bool:
+        return self._plain() == (other._plain() if isinstance(other, Accumulated) else other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> Any:
+        # A copy (deepcopy, pickle, torch.save) holds tensors of its own, not .grad: a plain result.
+        return self._plain().__reduce__()
 
     @directions.setter
     def directions(self, value: list[Weights | None]) -> None:
@@ -264,7 +281,11 @@ class Oracle:
         stages = self.chain.stages
         entries = Counter(id(s.param) for st, d in zip(stages, result.directions, strict=True) if d
                           for s in st.slots if s.name in d)
-        handover = Handover({p for p, n in entries.items() if n == 1})
+        shared = [d for ds in result.directions if ds for d in ds.values()]
+        signal_0 = getattr(result.input_signal, "value", None)
+        shared += [t for t in (result.input_grad, signal_0) if t is not None]
+        handover = Handover({p for p, n in entries.items() if n == 1},
+                            Counter(Handover.storage(t) for t in shared))
         for stage, d in zip(stages, result.directions, strict=True):
             if d is not None:
                 stage.accumulate(d, handover)
