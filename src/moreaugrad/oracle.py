@@ -76,6 +76,10 @@ class Accumulated(OracleResult):
                     f"take them from oracle(x, y), which leaves .grad alone.")
         return self._directions
 
+    @directions.setter
+    def directions(self, value: list[Weights | None]) -> None:
+        self._directions = value
+
     def _plain(self) -> OracleResult:
         """The same fields as a plain :class:`OracleResult`, without the guard."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "directions"}
@@ -92,10 +96,6 @@ class Accumulated(OracleResult):
     def __reduce__(self) -> Any:
         # A copy (deepcopy, pickle, torch.save) holds tensors of its own, not .grad: a plain result.
         return self._plain().__reduce__()
-
-    @directions.setter
-    def directions(self, value: list[Weights | None]) -> None:
-        self._directions = value
 
     @classmethod
     def of(cls, result: OracleResult) -> Accumulated:
