@@ -365,8 +365,8 @@ def _by_layer(rows: _Rows, steps: int, out: int) -> bool:
 
 
 def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: float,
-             extra: Tensor | None = None,
-             groups: int = 1, batch_sum: Any = None) -> tuple[Weights, SolveInfo]:
+             extra: Tensor | None = None, groups: int = 1,
+             batch_sum: Any = None) -> tuple[Weights, SolveInfo]:
     """CG on ``V (kappa A~^T A~ + c I) = R^T A~ + extra`` over weights ``V`` (``out x k~``), one CG
     for all of ``V`` (``groups = 1``) or one per output row (``groups = out``, :class:`CG`'s
     ``per_output``).
@@ -375,11 +375,11 @@ def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: fl
     once in ``N k~^2`` flops, then ``out k~^2`` a step), or the layer and its weight gradient
     (``V -> R(V)^T A~`` with ``R(V) = A~ V^T``, ``2 N k~ out`` a step, by the layer's own kernels);
     the Gram matrix wins when ``k~ < 2 steps out`` (for a convolution, ``k~ + UNFOLD_COST``). When
-    the batch ``N`` of a
-    ``Linear`` layer is below ``k~`` and there is no ``extra``, every iterate lies in the row space
-    of ``A~`` (the right-hand side does, and the operator keeps it there) and CG runs on
-    coefficients ``Z`` with ``V = Z A~`` instead: the operator is ``Z -> Z (kappa S + c I)`` and the
-    inner product ``<Z1 S, Z2>``, with ``S = A~ A~^T`` (``N x N``). Same iterates, and one
+    the batch ``N`` of a ``Linear`` layer is below ``k~`` and there is no ``extra``, every iterate
+    lies in the row space of ``A~`` (the right-hand side does, and the operator keeps it there) and
+    CG runs on coefficients ``Z`` with ``V = Z A~`` instead: the operator is
+    ``Z -> Z (kappa S + c I)`` and the inner product ``<Z1 S, Z2>``, with ``S = A~ A~^T``
+    (``N x N``). Same iterates, and one
     ``out x N x N`` product per step (``cg``'s ``metric``). With ``batch_sum`` (a data-parallel
     batch) the Gram form is summed over the shards once and every rank runs the same CG.
     """
