@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import moreaugrad as mg
+from moreaugrad.runner.seeds import mean_std, outside_spread
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
@@ -241,8 +242,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "curves": [r["train_error"] for r in rs],
                                  "test_curves": [r["test_error"] for r in rs]}
         for metric in ("train_error", "test_error"):
-            finals = np.array([r[metric][-1] for r in rs])
-            entry[metric] = (float(finals.mean()), float(finals.std(ddof=1)) if len(rs) > 1 else 0.0)
+            entry[metric] = mean_std([r[metric][-1] for r in rs])
         out[key] = entry
     return out
 
@@ -250,7 +250,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
 def compare(a: tuple[float, float], b: tuple[float, float]) -> str:
     """``a`` against ``b``, errors (lower is better), as ``moreaugrad``'s verdicts read them: a
     difference within the sum of the two spreads is a tie, never a win."""
-    if abs(a[0] - b[0]) <= a[1] + b[1]:
+    if not outside_spread(a, b):
         return "tie"
     return "better" if a[0] < b[0] else "worse"
 
