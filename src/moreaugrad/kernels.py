@@ -79,21 +79,24 @@ def _scalar(v: float, like: Tensor) -> Tensor:
     return torch.tensor(v, dtype=like.dtype, device=like.device)
 
 
+def _relu_increment(u: Tensor, lam: Tensor, c: Tensor) -> Tensor:
+    """``relu(u) - relu(u - c lam)`` as one signed clip (``rules.fenchel._relu_difference``, out of
+    place for the compiler)."""
+    delta = c * lam
+    return torch.minimum((u - delta.clamp_max(0)).clamp_min(0), delta.abs()).copysign(delta)
+
+
 def _fenbp_relu(u: Tensor, lam: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """FenBP on a ReLU with the spacing ``c = tau n`` (002 eq. 57-60): ``lambda_{t-1} = inc / c`` and
-    the stage's surrogate term ``-<inc, lam> + (||inc||^2/2 + <inc, min(u, 0)>) / c``, with
-    ``inc = relu(u) - relu(u - c lam)`` as one signed clip (see ``rules.fenchel``)."""
-    delta = c * lam
-    inc = torch.minimum((u - delta.clamp_max(0)).clamp_min(0), delta.abs()).copysign(delta)
+    the stage's surrogate term ``-<inc, lam> + (||inc||^2/2 + <inc, min(u, 0)>) / c``."""
+    inc = _relu_increment(u, lam, c)
     term = -(inc * lam).sum() + (0.5 * (inc * inc).sum() + (inc * u.clamp_max(0)).sum()) / c
     return inc / c, term
 
 
 def _fenbp_relu_signal(u: Tensor, lam: Tensor, c: Tensor) -> Tensor:
     """:func:`_fenbp_relu`'s signal alone (no surrogate terms asked)."""
-    delta = c * lam
-    inc = torch.minimum((u - delta.clamp_max(0)).clamp_min(0), delta.abs()).copysign(delta)
-    return inc / c
+    return _relu_increment(u, lam, c) / c
 
 
 def _moreau_relu(x: Tensor, lam: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
