@@ -22,11 +22,12 @@ def _eager_after():
 
 
 def convnet(dtype):
+    """The same model and data in any dtype: drawn in float64, then cast."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).to(dtype)
-    x, y = torch.randn(6, 2, 8, 8, dtype=dtype), torch.arange(6) % 3
-    return model, x, y
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).double()
+    x, y = torch.randn(6, 2, 8, 8, dtype=torch.float64), torch.arange(6) % 3
+    return model.to(dtype), x.to(dtype), y
 
 
 RULES = {
@@ -107,3 +108,15 @@ def test_compiled_kernels_equal_eager():
             close(got[0], want[(name, dtype)][0], rtol)
             close(got[1], want[(name, dtype)][1], rtol)
     assert all(k.compiled is not None for k in (kernels._FENBP, kernels._MOREAU))
+
+
+@pytest.mark.parametrize("name", ["fenchel", "moreau"])
+@pytest.mark.parametrize("step", [1e-3, 1e-5])
+def test_kernel_path_in_float32_equals_float64(name, step, monkeypatch):
+    """The kernel path in float32 gives the float64 directions to float32 rounding at small steps
+    (the kernels take increments, never nearly equal differences)."""
+    monkeypatch.setattr(kernels.torch, "compile", lambda fn, **kw: fn)
+    kernels.use_compile(True)
+    got, want = run(name, step, torch.float32)[0], run(name, step, torch.float64)[0]
+    for u, v in zip(got, want, strict=True):
+        assert float((u.double() - v).abs().max()) <= 1e-4 * float(v.abs().max())
