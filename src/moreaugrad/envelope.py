@@ -14,7 +14,6 @@ for and returned as such: the prox point ``u = x + y`` (``prox``) is never forme
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -267,11 +266,15 @@ class ReLUProx(Increment):
         """``x - u``, a fresh tensor: ``min(max(x, 0), c)`` is the soft threshold for ``c >= 0`` and
         ``c`` itself for ``c < 0`` (``max(x, 0) >= 0 > c``), kept where ``x > min(c/2, 0)``: every
         ``x > 0`` for ``c >= 0`` (elsewhere the threshold is 0 already), the better local minimum
-        for ``c < 0``. No ``where`` (several times slower than a product on CPU)."""
+        for ``c < 0``. No ``where`` and no boolean tensor (each several times slower than a float
+        pass on CPU): the comparison writes 0/1 floats."""
         e = x.clamp_min(0)
         same = e.shape == c.shape and e.dtype == c.dtype
         e = torch.minimum(e, c, out=e) if same else torch.minimum(e, c)
-        return e.mul_(x > (c * 0.5).clamp_max_(0))
+        threshold = (c * 0.5).clamp_max_(0)
+        if threshold.shape == x.shape and threshold.dtype == x.dtype:  # the mask as 0/1 floats
+            return e.mul_(torch.gt(x, threshold, out=threshold))
+        return e.mul_(x > threshold)
 
 
 RELU = ReLUProx()
@@ -370,41 +373,43 @@ SMALL_WINDOW = 9
 def _pool_by_network(x: Tensor, c: Tensor, kernel: tuple[int, ...]) -> Tensor:
     """:func:`max_pool_increment` on the ``m`` strided views ``x[..., a::k0, b::k1]`` (one per window
     position, row-major as the sort path orders them): the sorted entries come from an insertion
-    network of ``m (m - 1)/2`` compare-exchanges, the simplex level as in the sort path, and each
-    view's increment is written back into its strided place."""
+    network of ``m (m - 1)/2`` compare-exchanges and each view's increment is written into its
+    strided place.
+
+    The simplex level is ``max_k (s_1 + ... + s_k - c)/k`` over the sorted entries ``s``: that
+    sequence rises while ``s_{k+1}`` lies above it and falls after, so its maximum is the sort
+    path's ``level_K`` (Condat 2016, the projection onto the simplex), with no count and no
+    selection. No boolean tensor is formed: on CPU a comparison into a boolean, and a product with
+    one, cost several float passes each; the masks here are signs (``1 + sign(d)`` is 1 exactly at a
+    maximum, as ``d <= 0``)."""
     n = len(kernel)
     outs = c.shape[-n:]
     places = [(..., *(slice(o, o + size * k, k) for o, size, k in zip(offs, outs, kernel, strict=True)))
               for offs in itertools.product(*(range(k) for k in kernel))]
     views = [x[p] for p in places]
-    top = functools.reduce(torch.maximum, views)
+    prefix = list(itertools.accumulate(views, torch.maximum))  # prefix[i]: the max of views[:i + 1]
+    top = prefix[-1]
     d = [v - top for v in views]  # <= 0, exactly 0 at the maximum
     s = list(d)
-    for i in range(1, len(s)):  # insertion network: s descending
+    for i in range(1, len(s)):  # insertion network: s descending (every entry a new tensor)
         for j in range(i, 0, -1):
             s[j - 1], s[j] = torch.maximum(s[j - 1], s[j]), torch.minimum(s[j - 1], s[j])
-    # level_k = (s_1 + ... + s_k - c) / k; the level is level_K, K = #{k: s_k > level_k} (at least 1)
-    csum, levels, count = None, [], None
-    for k, sk in enumerate(s, start=1):
-        csum = sk if csum is None else csum + sk
-        levels.append((csum - c) / k)
-        above = (sk > levels[-1]).to(torch.int8)
-        count = above if count is None else count + above
-    del s, csum, above
-    # Selections by products with masks, exactly one of them 1 (a where is 8x slower on CPU).
-    level = levels[0] * (count <= 1)
-    for k in range(2, len(levels) + 1):
-        level += levels[k - 1] * (count == k)
-    del levels, count  # the window's temporaries go before y is formed
-    nonneg = c >= 0
-    raised = (-c).clamp_min(0)  # 0 where c >= 0
-    y = torch.zeros_like(x)
-    taken = torch.zeros_like(nonneg)
-    for p, di in zip(places, d, strict=True):
-        first = (di == 0) & ~taken  # c < 0: only the (first) maximum moves, up by |c|
-        taken |= first
-        yi = di.sub_(level).clamp_min_(0).neg_()  # c >= 0: the largest entries down to the level
-        y[p] = yi.mul_(nonneg).add_(raised * first)
+    level = c.neg()  # k = 1: s_1 = 0
+    csum = None
+    for k in range(2, len(s) + 1):
+        csum = s[k - 1] if csum is None else csum.add_(s[k - 1])
+        torch.maximum(level, (csum - c).div_(k), out=level)
+    del s, csum  # the window's temporaries go before y is formed
+    raised = (-c).clamp_min_(0)  # c < 0: the first maximum goes up by |c| ...
+    level.clamp_max_(0)  # ... and nothing comes down (the level is |c| > 0 there, and d <= 0)
+    covered = all(o * k == size for o, k, size in zip(outs, kernel, x.shape[-n:], strict=True))
+    y = torch.empty_like(x) if covered else torch.zeros_like(x)
+    for i, (p, di) in enumerate(zip(places, d, strict=True)):
+        first = di.sign().add_(1)  # 1 at a maximum, else 0 ...
+        if i:  # ... with no maximum before it
+            first.mul_(torch.sub(top, prefix[i - 1]).sign_())
+        down = di.sub_(level).clamp_min_(0).neg_()  # c >= 0: the largest entries down to the level
+        torch.addcmul(down, raised, first, out=y[p])
     return y
 
 
