@@ -181,16 +181,18 @@ def test_non_finite_state_signal_names_the_stage():
     case = make("mlp")
     with torch.no_grad():
         case.model[2].weight[0, 0] = float("nan")
-    oracle = mg.Oracle(case.model, case.objective)
-    with pytest.raises(mg.NonFiniteError, match=r"the signal entering stage 5 \(Linear\)"):
-        oracle.backward(case.x, case.y)
+    grad = mg.rules.Grad()
+    per_stage = mg.rules.Rule(objective=grad, state=[grad] * 5, weight=[grad] * 5)
+    # Fused (backprop takes the objective's gradient inside the stages' call) or not, the same.
+    for rule in (None, per_stage):
+        with pytest.raises(mg.NonFiniteError, match=r"the signal entering stage 5 \(Linear\)"):
+            mg.Oracle(case.model, case.objective, rule).backward(case.x, case.y)
+        assert all(p.grad is None for p in case.model.parameters())
     case = make("mlp")
     with torch.no_grad():
         case.model[4].weight.zero_()
         case.model[2].weight[0, 0] = float("inf")
     # Stage by stage (a rule given per stage is not fused), the signal is checked where it forms.
-    grad = mg.rules.Grad()
-    per_stage = mg.rules.Rule(objective=grad, state=[grad] * 5, weight=[grad] * 5)
     oracle = mg.Oracle(case.model, lambda out, y: out.sum(), per_stage)
     with pytest.raises(mg.NonFiniteError,
                        match=re.escape("the signal entering stage 2 (ReLU) is not finite")):

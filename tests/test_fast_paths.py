@@ -4,6 +4,7 @@ row, and the fused vjp segments of the backprop sweep against stage-by-stage vjp
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -194,7 +195,7 @@ def test_fused_segments_stop_where_a_rule_is_not_a_vjp():
     x, y = torch.randn(7, 5), torch.arange(7) % 3
     oracle = mg.Oracle(model, mg.losses.CrossEntropy(), rule)
     # Linear-ReLU-Linear fuse; the Tanh is its own; the last Linear is alone above it.
-    assert oracle._fusable() == [False, True, True, False, False]
+    assert oracle._fusable() == ([False, True, True, False, False], True)
     have = oracle(x, y)
     want = mg.Oracle(model, mg.losses.CrossEntropy(), _per_stage(rule, 5))(x, y)
     for a, b in zip(have.directions, want.directions, strict=True):
@@ -203,6 +204,58 @@ def test_fused_segments_stop_where_a_rule_is_not_a_vjp():
                 torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-14)
     plain = mg.Oracle(model, mg.losses.CrossEntropy())(x, y)  # the Tanh's half shows below it
     torch.testing.assert_close(have.directions[0]["weight"], 0.5 * plain.directions[0]["weight"])
+
+
+class _SeparateGrad(mg.rules.Grad):
+    """``grad h`` as its own autograd call: the objective line that does not fuse."""
+
+    def objective(self, h, output, target, horizon=1):
+        return super().objective(h, output, target, horizon)
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_objective_fused_into_the_top_segment_equals_its_own_call(input_grad):
+    """Backprop takes ``grad h`` in the same autograd call as the top stages' vjps (as
+    ``loss.backward()``): loss, directions and the input's gradient equal the sweep with the
+    objective's gradient taken on its own, to 1e-10 in float64, and to float32's rounding in
+    float32; the top stage alone (its neighbour below not a vjp) fuses with the objective too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.arange(7) % 3
+    separate = mg.rules.Rule(objective=_SeparateGrad(), state=mg.rules.Grad(), weight=mg.rules.Grad())
+    half = mg.rules.Rule(objective=mg.rules.Grad(), state=_HalfTanh(), weight=mg.rules.Grad())
+    half_separate = mg.rules.Rule(objective=_SeparateGrad(), state=_HalfTanh(), weight=mg.rules.Grad())
+    for fused_rule, plain_rule in ((mg.rules.backprop(), separate), (half, half_separate)):
+        fused, plain = mg.Oracle(model, mg.losses.CrossEntropy(), fused_rule), \
+            mg.Oracle(model, mg.losses.CrossEntropy(), plain_rule)
+        assert fused._fusable()[1] and not plain._fusable()[1]
+        want = plain(x.requires_grad_(input_grad), y)
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+            m = model.to(dtype)
+            have = fused(x.detach().to(dtype).requires_grad_(input_grad), y)
+            torch.testing.assert_close(have.loss.double(), want.loss, rtol=tol, atol=tol)
+            for a, b in zip(have.directions, want.directions, strict=True):
+                assert (a is None) == (b is None)
+                for n in a or {}:
+                    torch.testing.assert_close(a[n].double(), b[n], rtol=tol, atol=tol)
+            if input_grad:
+                torch.testing.assert_close(have.input_grad.double(), want.input_grad, rtol=tol, atol=tol)
+            m.double()
+
+
+def test_objective_fused_reports_a_non_finite_gradient():
+    """With the objective inside the top segment its gradient is never formed: a non-finite one
+    reaches the checked directions, is traced back to the objective and reported by the same
+    message as the unfused sweep's, and nothing is written to ``.grad``."""
+    model = nn.Sequential(nn.Linear(3, 2))
+    nn.init.zeros_(model[0].weight), nn.init.zeros_(model[0].bias)  # the output is 0 ...
+    oracle = mg.Oracle(model, lambda out, y: out.sqrt().sum())  # ... where sqrt's slope is inf
+    assert oracle._fusable()[1]
+    with pytest.raises(mg.NonFiniteError, match=re.escape(
+            "the signal entering stage 1 (Linear) (from the objective) is not finite")) as err:
+        oracle.backward(torch.ones(4, 3))
+    assert "direction of stage 1" in str(err.value.__cause__)  # what the fused sweep met first
+    assert model[0].weight.grad is None
 
 
 def test_relu_difference_equals_the_piecewise_integral():
@@ -265,7 +318,7 @@ def test_tied_weights_are_not_fused_and_equal_autograd():
     model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(5, 3))
     x, y = torch.randn(6, 5), torch.arange(6) % 3
     oracle = mg.Oracle(model, mg.losses.CrossEntropy())
-    assert oracle._fusable()[:4] == [False] * 4
+    assert oracle._fusable()[0][:4] == [False] * 4
     oracle.backward(x, y)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -281,7 +334,7 @@ def test_control_rows_fuse_and_equal_autograd():
     P = mg.control.Pendulum(horizon=20)
     chain = P.chain(P.initial_controls(torch.float64) + 0.3)
     oracle = mg.Oracle(chain, P.objective)
-    assert oracle._fusable() == [False] + [True] * 19
+    assert oracle._fusable() == ([False] + [True] * 19, True)
     oracle.backward()
     got = chain.controls.grad.clone()
     chain.zero_grad()

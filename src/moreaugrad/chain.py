@@ -130,6 +130,11 @@ def _mixed(module: nn.Module, x: Tensor) -> bool:
     return p is not None and _other_dtype(p, x)
 
 
+def _own(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """A leaf module's ``named_parameters()`` without the generator machinery (a hot path)."""
+    return ((n, p) for n, p in module._parameters.items() if p is not None)
+
+
 def _sequential_forward(module: nn.Module) -> bool:
     return type(module).forward is nn.Sequential.forward
 
@@ -425,6 +430,10 @@ class Chain(nn.Module):
     def pinned(self) -> Iterator[tuple[Stage, ...]]:
         """The stages read once and held for the duration of one oracle call (the model cannot
         change in the middle of it), so that every access inside costs nothing."""
+        held = self.__dict__.get("_pinned")
+        if held is not None:  # nested (Oracle.backward around its own call): the same stages
+            yield held
+            return
         stages = self.stages
         self._pinned = stages
         try:
@@ -436,8 +445,8 @@ class Chain(nn.Module):
         # Ids are safe: the cached stages hold the keyed objects, so no id can be reused meanwhile.
         if self._phi is not None:
             return id(self.model[0]), id(self.controls), self.controls.shape[0], self.controls.requires_grad
-        return tuple((id(child), tuple((n, id(p), p.requires_grad) for n, p in child.named_parameters()))
-                     for child in self.model)
+        return tuple((id(child), tuple((n, id(p), p.requires_grad) for n, p in (
+            child.named_parameters() if child._modules else _own(child)))) for child in self.model)
 
     def _build_stages(self) -> tuple[Stage, ...]:
         if self._phi is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from .chain import Chain, Handover
 from .losses import Regularizer, check_objective
 from .rules import Rule, backprop
-from .rules.grad import plain_vjp
+from .rules.grad import plain_gradient, plain_vjp
 from .solvers import CAP
-from .sweep import NonFiniteError, all_finite, record, sweep
+from .sweep import NonFiniteError, all_finite, check_objective_signal, record, sweep
 from .types import InexactSolveWarning, Signal, StageInfo, Weights
 
 __all__ = ["NonFiniteError", "Oracle", "OracleResult"]
@@ -133,7 +133,7 @@ class Oracle:
         self._warned_growth = False
         self._warned_inexact = False
         self._checked: tuple | None = None
-        self._connect: tuple[tuple, list[bool]] | None = None
+        self._connect: tuple[tuple, list[bool], bool] | None = None
         # A data-parallel exact oracle (mg.distributed) sums over every shard's samples through it.
         self._batch_sum: Callable[[list[Tensor]], list[Tensor]] | None = None
         self.rule = backprop() if rule is None else rule
@@ -182,13 +182,14 @@ class Oracle:
                         f"but no values); call model.to_empty(device=...) and initialise it (e.g. "
                         f"reset_parameters() or load_state_dict) before using the oracle")
 
-    def _fusable(self) -> list[bool]:
+    def _fusable(self) -> tuple[list[bool], bool]:
         """Per stage, whether it and the stage before both take plain vjps, so the sweep fuses
-        them into one autograd call (``sweep.fused_vjp``); kept while the stages are the same.
-        Never for a rule with ``finish``: its pass after the sweep reads the whole tape."""
+        them into one autograd call (``sweep.fused_vjp``), and whether the objective joins the top
+        stage's call (``grad h`` and a top stage of plain vjps); kept while the stages are the
+        same. Never for a rule with ``finish``: its pass after the sweep reads the whole tape."""
         key = (self.chain.stages, self.rule)
         if hasattr(self.rule, "finish"):
-            return [False] * len(key[0])
+            return [False] * len(key[0]), False
         if self._connect is None or any(a is not b for a, b in zip(self._connect[0], key, strict=True)):
             stages = key[0]
             # A parameter two stages share (tied weights) must reach each stage's vjp on its own:
@@ -198,8 +199,9 @@ class Oracle:
             whole = {id(sl.param) for st in stages for sl in st.slots if sl.index is None}
             plain = [plain_vjp(self.rule, s) and all(owners[(id(sl.param), sl.index)] == 1 and (
                 sl.index is None or id(sl.param) not in whole) for sl in s.slots) for s in stages]
-            self._connect = (key, [t > 0 and plain[t] and plain[t - 1] for t in range(len(plain))])
-        return self._connect[1]
+            self._connect = (key, [t > 0 and plain[t] and plain[t - 1] for t in range(len(plain))],
+                             plain_gradient(self.rule) and plain[-1])
+        return self._connect[1:]
 
     def _regularizers(self) -> list[Regularizer | None]:
         tau = len(self.chain)
@@ -233,10 +235,13 @@ class Oracle:
         # The oracle takes its own derivatives, also inside torch.no_grad() (an evaluation loop).
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext(), \
                 torch.inference_mode(False), torch.enable_grad():
+            connect, fuse_objective = self._fusable()
             tape = record(self.chain, x, self._regularizers(), input_signal=x.requires_grad,
-                          compute=compute, connect=self._fusable(), batch_sum=self._batch_sum)
+                          compute=compute, connect=connect, batch_sum=self._batch_sum)
             finish = hasattr(self.rule, "finish")
-            out = sweep(tape, self.rule, self.objective, y, release=not finish)
+            with _objective_named(fuse_objective, tape, self.objective, y):
+                out = sweep(tape, self.rule, self.objective, y, release=not finish,
+                            fuse_objective=fuse_objective)
             # Hook: a rule whose step needs a pass after the sweep (the forward roll-out of a
             # second-order step, 003 Algo 4) has finish(tape, result) -> result with its directions.
             if finish:
@@ -246,10 +251,12 @@ class Oracle:
             if site.regularizer is not None:
                 loss = loss + sum(site.regularizer(w.detach()) for w in site.w.values())
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"Oracle: the loss is not finite ({loss.item()})")
+            with _objective_named(fuse_objective, tape, self.objective, y):
+                raise NonFiniteError(f"Oracle: the loss is not finite ({loss.item()})")
         directions = [None if u is None else _in_param_dtypes(stage, u.direction)
                       for stage, u in zip(self.chain.stages, out.directions, strict=True)]
-        _check_finite(directions)
+        with _objective_named(fuse_objective, tape, self.objective, y):
+            _check_finite(directions)
         self._warn_inexact(out.info, tape.sites)
         # signal_0, like every signal, was checked for finiteness by the sweep.
         return OracleResult(
@@ -277,8 +284,8 @@ class Oracle:
         :class:`OracleResult`) is accumulated into ``x.grad``. For a chain built from dynamics,
         ``x`` defaults to the stored ``x0``.
         """
-        result = self._run(x, y)
-        stages = self.chain.stages
+        with self.chain.pinned() as stages:
+            result = self._run(x, y)
         entries = Counter(id(s.param) for st, d in zip(stages, result.directions, strict=True) if d
                           for s in st.slots if s.name in d)
         shared = [d for ds in result.directions if ds for d in ds.values()]
@@ -370,6 +377,21 @@ def _in_param_dtypes(stage: Any, direction: Weights) -> Weights:
                 f"in {dtype} (max |d| = {float(d.abs().max()):.3g}); use bfloat16 or float32 for "
                 f"this model, or steps whose directions do not decay along the chain")
     return out
+
+
+@contextlib.contextmanager
+def _objective_named(fused: bool, tape: Any, h: Any, y: Any) -> Iterator[None]:
+    """Where the objective's gradient was taken inside the top segment's autograd call (never
+    formed), a non-finite loss, direction or signal is traced back to it: if ``grad h(x_tau)`` is
+    itself not finite, that is the error raised, naming the stage it enters, as the unfused sweep
+    does (it checks that signal first)."""
+    try:
+        yield
+    except NonFiniteError as err:
+        if fused:
+            with torch.enable_grad():
+                check_objective_signal(tape, h, y, cause=err)
+        raise
 
 
 def _check_finite(directions: list[Weights | None]) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .chain import Chain, Stage
+from .rules.grad import objective_value, scalar_loss
 from .types import Dual, Signal, StageInfo, Weights, WeightUpdate
 
 if TYPE_CHECKING:
@@ -265,10 +266,13 @@ def record(chain: Chain, x: Tensor, regularizers: list[Regularizer | None] | Non
 NONE_UNUSED: frozenset[str] = frozenset()
 
 
-def fused_vjp(sites: list[Site], lam: Tensor) -> tuple[Tensor | None, list[tuple[Tensor | None, ...]]]:
+def fused_vjp(sites: list[Site], lam: Tensor | None,
+              loss: Tensor | None = None) -> tuple[Tensor | None, list[tuple[Tensor | None, ...]]]:
     """The vjps of consecutive stages (``sites`` top first, each but the last attached to the one
     below) in one autograd call, as ``loss.backward()`` takes them: ``(dx, dws)`` with ``dx`` the
     bottom stage's input part (None if it needs none) and ``dws`` each stage's weight parts.
+    With ``loss`` (a scalar on the top stage's output) and no ``lam``, the call starts from the
+    loss itself: the objective's gradient ``lambda_tau`` is taken in the same call, never formed.
 
     Only the bottom stage's input and the weights are asked for, so the signals inside the segment
     are never formed and autograd frees each saved tensor once used (no ``retain_graph``): the
@@ -279,7 +283,7 @@ def fused_vjp(sites: list[Site], lam: Tensor) -> tuple[Tensor | None, list[tuple
     inputs = [bottom.x_prev] if bottom.needs_state else []
     for s in sites:
         inputs += list(s.w.values())
-    grads = torch.autograd.grad(sites[0].x, inputs, lam, allow_unused=True)
+    grads = torch.autograd.grad(sites[0].x if loss is None else loss, inputs, lam, allow_unused=True)
     dx = grads[0] if bottom.needs_state else None
     it = iter(grads[1:] if bottom.needs_state else grads)
     dws = []
@@ -348,7 +352,7 @@ class SweepResult:
 
 
 def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any,
-          release: bool = False) -> SweepResult:
+          release: bool = False, fuse_objective: bool = False) -> SweepResult:
     """The backward sweep of DESIGN section 2.
 
     ``signal_tau = objective(h, x_tau)``; then for ``t = tau..1``:
@@ -367,10 +371,20 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any,
     its output, its graph and its vjp cache once both its lines ran, as ``loss.backward()`` frees
     what it has used, and only the last signal is kept (``signal_0`` when the input is a variable):
     the sweep's memory is then one signal and the activations not yet swept.
+
+    ``fuse_objective`` (the objective line is ``grad h`` and the top stage's lines are plain vjps,
+    :func:`~moreaugrad.rules.grad.plain_gradient`) starts the top segment from the loss itself: one
+    autograd call for the objective and the segment, as ``loss.backward()``. ``signal_tau`` is then
+    None, never formed; a non-finite one shows in the directions and signals below it, which are
+    checked.
     """
     tau = len(tape.sites)
-    loss, signal, objective_info = rule.objective.objective(h, tape.output, target, tau)
-    _check_signal(signal, tape.output, lambda: f"entering {tape.sites[-1].label} (from the objective)")
+    signal: Signal | None
+    if fuse_objective:
+        loss, signal, objective_info = scalar_loss(h, tape.output, target), None, None
+    else:
+        loss, signal, objective_info = rule.objective.objective(h, tape.output, target, tau)
+        _check_signal(signal, tape.output, lambda: f"entering {tape.sites[-1].label} (from the objective)")
     directions: list[WeightUpdate | None] = [None] * tau
     info = [StageInfo() for _ in range(tau)]
     info[-1].extra["objective"] = objective_info
@@ -378,11 +392,14 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any,
     t = tau - 1
     while t >= 0:
         site = tape.sites[t]
-        if site.attached:  # the top of a fused segment: its stages' plain vjps in one call
+        if site.attached or signal is None:  # the top of a fused segment: one autograd call
             segment = _segment(tape.sites, t)
-            lam = signal.dual(site.x.detach())
             _release_interior(segment)
-            dx, dws = fused_vjp(segment, lam)
+            if signal is None:  # fused with the objective
+                dx, dws = fused_vjp(segment, None, loss)
+                loss = loss.detach()
+            else:
+                dx, dws = fused_vjp(segment, signal.dual(site.x.detach()))
             for s, dw in zip(segment, dws, strict=True):
                 if s.stage.has_weights:
                     update = rule.weight_for(s).fused(s, dw)
@@ -424,6 +441,19 @@ def _without_unused(site: Site, update: WeightUpdate) -> WeightUpdate:
     if not unused:
         return update
     return replace(update, direction={n: d for n, d in update.direction.items() if n not in unused})
+
+
+def check_objective_signal(tape: Tape, h: Callable[..., Tensor], target: Any,
+                    cause: BaseException | None = None) -> None:
+    """Raise :class:`NonFiniteError` if ``grad h(x_tau)`` is not finite, naming the stage it enters:
+    the check of ``signal_tau`` for a sweep that fused the objective into the top segment (its
+    gradient never formed), made after that sweep met a non-finite value (``cause``)."""
+    loss, out = objective_value(h, tape.output.detach(), target)
+    (lam,) = torch.autograd.grad(loss, out)
+    try:
+        _check_signal(Dual(lam), out, lambda: f"entering {tape.sites[-1].label} (from the objective)")
+    except NonFiniteError as err:
+        raise err from cause
 
 
 def all_finite(t: Tensor) -> bool:

@@ -21,11 +21,16 @@ from .registry import LineRule, lookup, register
 def objective_value(h: Any, output: Tensor, target: Any) -> tuple[Tensor, Tensor]:
     """``(h(x_tau), x_tau)`` with ``x_tau`` a fresh leaf, so ``grad h`` stops at the output."""
     out = output.detach().requires_grad_(True)
-    loss = h(out, target)
+    return scalar_loss(h, out, target), out
+
+
+def scalar_loss(h: Any, output: Tensor, target: Any) -> Tensor:
+    """``h(output, target)`` as a 0-dim tensor, on ``output``'s graph; anything else is refused."""
+    loss = h(output, target)
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"objective: h(output, target) must return a scalar tensor, got {shape}")
-    return loss.reshape(()), out
+    return loss.reshape(())
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,13 @@ def grad_weight(rule: Grad, site: Any, signal: Signal) -> WeightUpdate:
     """``d_t = d_w phi_t^T lambda_t + grad r_t(w_t)``."""
     _, dw = site.vjp(signal.dual(site.x.detach()))
     return rule.fused(site, tuple(dw.values()))
+
+
+def plain_gradient(rule: Any) -> bool:
+    """Whether ``rule``'s objective line is :class:`Grad`'s ``grad h``, so the sweep may take it in
+    the same autograd call as the plain vjps of the top stages (``sweep(fuse_objective=True)``),
+    as ``loss.backward()`` does: ``lambda_tau`` is then never formed."""
+    return type(rule.objective).objective is Grad.objective
 
 
 def plain_vjp(rule: Any, stage: Any) -> bool:
