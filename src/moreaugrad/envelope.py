@@ -489,30 +489,37 @@ def softmax_env(z: Tensor, q: Tensor, c: float, tol: float | None = None,
         bound = 8 * torch.finfo(z.dtype).eps * (1 + zmax) * z.shape[1] ** 0.5 * k[:, 0]
     else:
         bound = torch.full((z.shape[0],), tol, dtype=z.dtype, device=z.device)
+    cq = c * q
 
-    def value(v: Tensor) -> Tensor:
+    def value(v: Tensor) -> Tensor:  # per row, for v of shape (N, C) or a stack (S, N, C)
         u = z + v
-        return c * (a[:, 0] * torch.logsumexp(u, 1) - (u * q).sum(1)) + 0.5 * (v * v).sum(1)
+        return (c * a[:, 0]) * torch.logsumexp(u, -1) - (u * cq).sum(-1) + 0.5 * (v * v).sum(-1)
 
-    v = -c * (a * torch.softmax(z, 1) - q)
+    v = torch.softmax(z, 1).mul_(-k).add_(cq)  # -c (a p(z) - q)
     it, res, ok = 0, 0.0, True
     for it in range(max_iter + 1):  # noqa: B007 - the count is reported
         p = torch.softmax(z + v, 1)
-        g = c * (a * p - q) + v
-        gnorm = g.norm(dim=1)
-        res = float(gnorm.max()) if g.numel() else 0.0
-        ok = bool((gnorm <= bound).all())
+        g = torch.addcmul(v - cq, k, p)  # c (a p - q) + v
+        gnorm = torch.linalg.vector_norm(g, dim=1)
+        res, worst = torch.stack([gnorm.max(), (gnorm - bound).max()]).tolist() if g.numel() else (0.0, 0.0)
+        ok = worst <= 0  # one host sync per iteration
         if ok or it == max_iter:
             break
-        dinv = 1 / (1 + k * p)
-        dg, dp = dinv * g, dinv * p
-        step = dg + k * dp * (p * dg).sum(1, keepdim=True) / (1 - k * (p * dp).sum(1, keepdim=True))
-        f0, slope = value(v), -(g * step).sum(1)
-        # Differences below the rounding of f0 carry no sign: accept them (else Newton stalls).
-        slack = rounding_slack(f0)
-        t = torch.ones_like(f0)
-        for _ in range(30):
-            bad = value(v - t[:, None] * step) > f0 + 1e-4 * t * slope + slack
+        dinv = (k * p).add_(1).reciprocal_()
+        dg, dp = dinv * g, dinv.mul_(p)
+        step = torch.addcmul(dg, dp, k * (p * dg).sum(1, keepdim=True)
+                             / (1 - k * (p * dp).sum(1, keepdim=True)))
+        # The Newton step's value and the current one in one evaluation; differences below the
+        # rounding of f0 carry no sign: accept them (else Newton stalls).
+        f0, f1 = value(torch.stack([v, v - step]))
+        slope = -(g * step).sum(1)
+        bad = f1 > f0 + 1e-4 * slope + rounding_slack(f0)
+        if not bool(bad.any()):
+            v = v - step
+            continue
+        t = torch.where(bad, 0.5, 1.0).to(f0.dtype)  # backtrack the rows the unit step fails
+        for _ in range(29):
+            bad = value(v - t[:, None] * step) > f0 + 1e-4 * t * slope + rounding_slack(f0)
             if not bool(bad.any()):
                 break
             t = torch.where(bad, t / 2, t)

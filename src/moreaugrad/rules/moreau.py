@@ -374,8 +374,9 @@ def max_pool_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     if kernel is None:
         return generic_state(rule, site, signal)
     gamma, beta = rule.schedule.dual(site.t - 1, site.horizon)
-    y, info = envelope.max_pool_increment(site.x_prev.detach(), gamma * signal.dual(site.x.detach()), kernel)
-    return StateUpdate(Dual(-beta * y), info)
+    lam = signal.dual(site.x.detach())
+    y, info = envelope.max_pool_increment(site.x_prev.detach(), lam if gamma == 1 else gamma * lam, kernel)
+    return StateUpdate(Dual(y.mul_(-beta)), info)  # y is a fresh tensor: scaled in place
 
 
 @register(Moreau, "objective", SquaredLoss)
