@@ -70,6 +70,58 @@ def rows_of(m: nn.Module, r: torch.Tensor) -> torch.Tensor:
     return r.flatten(2).transpose(1, 2).reshape(-1, r.shape[1]) if isinstance(m, nn.Conv2d) else r
 
 
+@pytest.mark.parametrize("shape,kernel,padding", [
+    ((3, 2, 6, 7), (3, 3), (1, 1)), ((2, 3, 5, 5), (2, 3), (0, 1)), ((4, 1, 4, 6), (1, 1), (0, 0)),
+    ((2, 2, 7, 5), (3, 2), (2, 0)), ((2, 2, 3, 3), (3, 3), (0, 0)), ((1, 3, 8, 8), (5, 5), (2, 2)),
+    ((2, 4, 2, 9), (1, 4), (3, 0))])
+def test_shifted_gram_equals_the_patches_gram(shape, kernel, padding):
+    """A stride-1 convolution's Gram matrix from shifted products of its input equals ``a^T a``
+    and ``a^T 1`` of the unfolded patches to 1e-12 in float64: square and rectangular kernels,
+    no, equal and unequal padding (wider than the kernel's reach too), 1x1, kernel the image size."""
+    from moreaugrad.lstsq import conv_gram
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    a = F.unfold(x, kernel, 1, padding, 1).transpose(1, 2).reshape(-1, shape[1] * kernel[0] * kernel[1])
+    g, s = conv_gram(x, kernel, padding)
+    torch.testing.assert_close(g, a.T @ a, rtol=0, atol=1e-12 * float((a.T @ a).abs().max()))
+    torch.testing.assert_close(s, a.sum(0), rtol=0, atol=1e-12 * float(a.abs().sum(0).max()))
+    assert torch.equal(g, g.T)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_shifted_gram_in_float32_is_as_accurate_as_the_patches_gram(scale):
+    """In float32 the shifted Gram matrix is within float32 rounding of the float64 one, at small
+    and large inputs (its window sums are kept in float64): no worse than the patches' GEMM."""
+    from moreaugrad.lstsq import conv_gram
+
+    torch.manual_seed(0)
+    x = scale * torch.relu(torch.randn(16, 4, 12, 12))
+    want, want_s = conv_gram(x, (5, 5), (2, 2))
+    got, got_s = conv_gram(x.float(), (5, 5), (2, 2))
+    a = F.unfold(x.float(), (5, 5), 1, (2, 2), 1).transpose(1, 2).reshape(-1, 100)
+    gemm = float(((a.T @ a).double() - want).abs().max())
+    err = float((got.double() - want).abs().max())
+    assert err <= max(gemm, 1e-6 * float(want.abs().max()))
+    torch.testing.assert_close(got_s.double(), want_s, rtol=1e-6, atol=0)
+
+
+def test_strided_convolutions_keep_the_patches_gram():
+    """Stride or dilation other than 1 takes the unfolded patches (the shifted form needs stride 1);
+    the Gram matrix is the patches' either way, and the CG cost model reads which one it is."""
+    from moreaugrad.lstsq import _by_layer, _Rows
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 7, 7)
+    for m, shifted in ((nn.Conv2d(2, 3, 3, padding=1), True), (nn.Conv2d(2, 3, 3, stride=2), False),
+                       (nn.Conv2d(2, 3, 3, dilation=2, padding=2), False)):
+        rows = _Rows(x, m, m(x).shape)
+        assert rows.shifted == shifted
+        A = dense_rows(m, x)
+        torch.testing.assert_close(rows.gram(), A.T @ A, rtol=1e-12, atol=1e-12)
+        assert _by_layer(rows, 1, 1) != _by_layer(rows, 1000, 1000)  # few cheap steps: the layer
+
+
 # batch 2 of a Linear(6, 4) has fewer rows than columns (the coefficient form); batch 9 has more.
 CASES = [("linear", 2), ("linear", 9), ("conv", 1), ("conv", 3)]
 
