@@ -38,13 +38,17 @@ NOT_CONVEX = "subproblem not strongly convex: negative curvature along a step"
 CURVATURE_NOISE = 1e-6
 
 
-def negative_curvature(s: Sequence[Tensor], y: Sequence[Tensor], z: Sequence[Tensor], groups: int) -> Tensor:
+def negative_curvature(s: Sequence[Tensor], y: Sequence[Tensor], z: Sequence[Tensor], groups: int,
+                       sy: Tensor | None = None, ss: Tensor | None = None) -> Tensor:
     """Per group, whether ``<s, y> < -CURVATURE_NOISE |s| |y|`` along a step ``s`` from ``z`` that is
-    not at rounding level (``|s| > sqrt(eps) (1 + |z|)``): a witness of non-convexity."""
-    ss, yy = gdot(s, s, groups), gdot(y, y, groups)
+    not at rounding level (``|s| > sqrt(eps) (1 + |z|)``): a witness of non-convexity. ``sy`` and
+    ``ss`` are ``<s, y>`` and ``<s, s>`` when the caller has them."""
+    ss = gdot(s, s, groups) if ss is None else ss
+    yy = gdot(y, y, groups)
     eps = torch.finfo(ss.dtype).eps
     resolved = ss > eps * (1 + gdot(z, z, groups).sqrt()) ** 2
-    return resolved & (gdot(s, y, groups) < -CURVATURE_NOISE * (ss * yy).sqrt())
+    sy = gdot(s, y, groups) if sy is None else sy
+    return resolved & (sy < -CURVATURE_NOISE * (ss * yy).sqrt())
 
 
 def _inverse_curvature(curv: Tensor) -> Tensor:
@@ -107,9 +111,8 @@ def gdot(a: Sequence[Tensor], b: Sequence[Tensor], groups: int) -> Tensor:
 def _dot(x: Tensor, y: Tensor, groups: int) -> Tensor:
     if groups == 1:
         return torch.dot(x.reshape(-1), y.reshape(-1)).reshape(1)
-    if x.numel() > 1 << 16:
-        return (x.reshape(groups, 1, -1) @ y.reshape(groups, -1, 1)).reshape(groups)
-    return (x * y).reshape(groups, -1).sum(1)
+    # One fused reduction per group (a batched matmul of 1 x n by n x 1 products runs 5x slower).
+    return torch.linalg.vecdot(x.reshape(groups, -1), y.reshape(groups, -1))
 
 
 def gscale(s: Tensor, z: Tensor, groups: int) -> Tensor:
@@ -118,17 +121,36 @@ def gscale(s: Tensor, z: Tensor, groups: int) -> Tensor:
 
 
 def axpy(z: Sequence[Tensor], s: Tensor, d: Sequence[Tensor], groups: int) -> list[Tensor]:
-    """``z + s * d`` with a per-group step ``s``."""
-    return [x + gscale(s, y, groups) * y for x, y in zip(z, d, strict=True)]
+    """``z + s * d`` with a per-group step ``s``, in one pass per tensor (``addcmul``)."""
+    return [torch.addcmul(x, gscale(s, y, groups), y) for x, y in zip(z, d, strict=True)]
+
+
+@dataclass(frozen=True)
+class Proximal:
+    """``F(z) = data(z) + ||z_g||^2/2`` per group, the form of every proximal subproblem: called, it
+    is ``F``; :func:`value_and_grad` takes autograd through ``data`` alone and adds ``z`` itself,
+    the proximal term's gradient, in one pass (its autograd would cost three over ``z``)."""
+
+    data: Objective
+    groups: int
+
+    def __call__(self, z: list[Tensor]) -> Tensor:
+        return self.data(z) + 0.5 * gdot(z, z, self.groups)
 
 
 def value_and_grad(fun: Objective, z: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """``F(z)`` per group and ``grad F(z)``; separability makes ``grad sum_g F_g`` per-group exact."""
+    proximal = isinstance(fun, Proximal)
     with torch.enable_grad():
         zz = [x.detach().requires_grad_(True) for x in z]
-        f = fun(zz)
+        f = (fun.data if proximal else fun)(zz)
         grads = torch.autograd.grad(f.sum(), zz, allow_unused=True)
-    return f.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(zz, grads, strict=True)]
+    f = f.detach()
+    if proximal:
+        zd = [x.detach() for x in z]
+        return f + 0.5 * gdot(zd, zd, fun.groups), [x if g is None else g + x
+                                                    for x, g in zip(zd, grads, strict=True)]
+    return f, [torch.zeros_like(x) if g is None else g for x, g in zip(zz, grads, strict=True)]
 
 
 def _finite(*ts: Tensor) -> bool:
@@ -146,7 +168,8 @@ def _groups_of(f: Tensor) -> int:
 
 Evaluated = tuple[Tensor, list[Tensor]]  # (F(z), grad F(z))
 Start = Evaluated  # at z0, when the caller already has them
-History = list[tuple[list[Tensor], list[Tensor]]]  # (s_k, y_k) = (z_{k+1} - z_k, g_{k+1} - g_k)
+# (s_k, y_k, <s_k, y_k>, <s_k, s_k>) with s_k = z_{k+1} - z_k and y_k = g_{k+1} - g_k, per group
+History = list[tuple[list[Tensor], list[Tensor], Tensor, Tensor]]
 
 
 def _check_tol(owner: str, tol: float | None, max_iter: int) -> None:
@@ -195,10 +218,11 @@ def run(method: str, step: Callable[..., tuple[list[Tensor], Evaluated | None]],
         y_k = [a - b for a, b in zip(g_new, g, strict=True)]
         z, f, g = z_new, f_new, g_new
         res = gdot(g, g, G).sqrt()
-        if bool(negative_curvature(s_k, y_k, z, G).any()):
+        sy, ss = gdot(s_k, y_k, G), gdot(s_k, s_k, G)
+        if bool(negative_curvature(s_k, y_k, z, G, sy, ss).any()):
             message = NOT_CONVEX
             break
-        hist.append((s_k, y_k))
+        hist.append((s_k, y_k, sy, ss))
     if not message and not _finite(f, res, *z):
         message = NON_FINITE
     r = float(res.max()) if res.numel() else 0.0
@@ -302,8 +326,7 @@ class QuasiNewton:
             else:
                 # BB1 per group; groups without usable curvature (not moved, or at rounding level)
                 # take a unit step, exact on the proximal term.
-                dz, dg = hist[-1]
-                curv, dd = gdot(dz, dg, G), gdot(dz, dz, G)
+                _, _, curv, dd = hist[-1]  # <dz, dg> and <dz, dz>
                 usable = (curv > 0) & (dd > 0)
                 s = torch.where(usable, dd / curv.where(usable, torch.ones_like(curv)), 1.0)
             return axpy(z, -s, g, G), evaluated
@@ -331,16 +354,16 @@ class LBFGS:
             # Two-loop recursion d = -H g; pairs without positive curvature (groups that did not
             # move, or moved at rounding level) get rho = 0 and drop out.
             pairs = []
-            for s_k, y_k in hist[-self.memory:]:
-                pairs.append((s_k, y_k, _inverse_curvature(gdot(s_k, y_k, G))))
+            for s_k, y_k, sy, _ in hist[-self.memory:]:
+                pairs.append((s_k, y_k, _inverse_curvature(sy)))
             q, alphas = list(g), []
             for s_k, y_k, rho in reversed(pairs):
                 a = rho * gdot(s_k, q, G)
                 alphas.append(a)
                 q = axpy(q, -a, y_k, G)
             if pairs:
-                s_k, y_k, _ = pairs[-1]
-                yy, sy = gdot(y_k, y_k, G), gdot(s_k, y_k, G)
+                _, y_k, _ = pairs[-1]
+                yy, sy = gdot(y_k, y_k, G), hist[-1][2]
                 h0 = torch.where((yy > 0) & (sy > 0), sy / yy.where(yy > 0, torch.ones_like(yy)), 1.0)
                 q = [gscale(h0, x, G) * x for x in q]
             for (s_k, y_k, rho), a in zip(pairs, reversed(alphas), strict=True):

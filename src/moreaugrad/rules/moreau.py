@@ -28,7 +28,7 @@ from .. import envelope, kernels
 from ..chain import Dynamics
 from ..checks import check_positive
 from ..losses import L2, CrossEntropy, SquaredLoss, functional_loss
-from ..solvers import LBFGS, QuasiNewton, gdot
+from ..solvers import LBFGS, Proximal, QuasiNewton, gdot
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
 from .grad import objective_value
 from .registry import LineRule, check_solve, lookup, register
@@ -215,10 +215,12 @@ def generic_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
 
     x_t = site.x.detach()
 
-    def fun(z: list[Tensor]) -> Tensor:
+    def data(z: list[Tensor]) -> Tensor:
         (y,) = z
         # Relative to the constant gamma <lam, x_t>, so that values resolve a small move.
-        return gamma * gdot([lam], [site.phi(x=x + y) - x_t], B) + 0.5 * gdot([y], [y], B)
+        return gamma * gdot([lam], [site.phi(x=x + y) - x_t], B)
+
+    fun = Proximal(data, B)
 
     # At y = 0 the value and gradient come from the recorded graph: F = 0, grad F = gamma vjp_x(lam).
     g0 = gamma * site.vjp(lam, weights=False)[0]
@@ -241,14 +243,16 @@ def generic_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
 
     x_t = site.x.detach()
 
-    def fun(z: list[Tensor]) -> Tensor:
+    def data(z: list[Tensor]) -> Tensor:
         # Relative to the value at z = 0, so that values resolve a small move. The data term sums
         # over the samples (of every shard, for a data-parallel exact oracle); the proximal term not.
         v = [wi + zi for wi, zi in zip(w, site.replicated(z), strict=True)]
         (val,) = site.summed([alpha * gdot([lam], [site.phi(dict(zip(names, v, strict=True))) - x_t], 1)])
         if reg is not None:  # replicated on every shard: on z itself, never summed
             val = val + alpha * sum(reg(wi + zi) - reg(wi) for wi, zi in zip(w, z, strict=True))
-        return val + 0.5 * gdot(z, z, 1)
+        return val
+
+    fun = Proximal(data, 1)
 
     g0 = site.vjp(lam)[1]
     if reg is not None:
@@ -261,7 +265,7 @@ def generic_weight(rule: Moreau, site: Any, signal: Signal) -> WeightUpdate:
         f0 = torch.zeros(1, dtype=x_t.dtype, device=x_t.device)
         z, info = _solve(rule, site.t, fun, [torch.zeros_like(wi) for wi in w],
                          (f0, [alpha * g0[n] for n in names]))
-    return WeightUpdate({n: -zi / alpha for n, zi in zip(names, z, strict=True)}, alpha, info)
+    return WeightUpdate({n: torch.div(zi, -alpha) for n, zi in zip(names, z, strict=True)}, alpha, info)
 
 
 def generic_objective(rule: Moreau, h: Any, z: Tensor, target: Any, gamma: float) -> tuple[Tensor, SolveInfo]:
