@@ -325,11 +325,12 @@ def test_max_pool_increment_float32_equals_float64(scale):
 
 @pytest.mark.parametrize("kernel,shape", [((2, 2), (3, 4, 9, 8)), ((3, 3), (2, 2, 9, 10)),
                                           ((2, 3), (2, 2, 7, 9)), ((3,), (2, 3, 11)), ((1, 2), (1, 2, 3, 4))])
-def test_max_pool_network_equals_the_sort_path(kernel, shape):
+def test_max_pool_network_equals_the_sort_path(kernel, shape, monkeypatch):
     """The compare-exchange network on strided views (windows of up to 9 entries) gives the sort
     path's increment to 1e-12 in float64, with exact ties, near ties, c of both signs and scales,
-    and rows past the last window."""
-    from moreaugrad.envelope import _pool_by_network, _pool_by_sort
+    and rows past the last window; run in blocks of the leading dimension (one row each) it gives
+    the same bits as in one piece, and a single window grid (no leading dimension) is taken whole."""
+    from moreaugrad.envelope import _pool_by_sort
 
     torch.manual_seed(5)
     x = torch.randn(shape, dtype=torch.float64)
@@ -337,5 +338,10 @@ def test_max_pool_network_equals_the_sort_path(kernel, shape):
     outs = tuple(s // k for s, k in zip(shape[-len(kernel):], kernel, strict=True))
     c = torch.randn(*shape[:-len(kernel)], *outs, dtype=torch.float64)
     c = c * torch.tensor([1e-4, 1.0, 30.0], dtype=torch.float64)[torch.arange(c.numel()) % 3].view(c.shape)
-    torch.testing.assert_close(_pool_by_network(x, c, kernel), _pool_by_sort(x, c, kernel),
-                               rtol=1e-12, atol=1e-14)
+    whole, _ = envelope.max_pool_increment(x, c, kernel)
+    torch.testing.assert_close(whole, _pool_by_sort(x, c, kernel), rtol=1e-12, atol=1e-14)
+    monkeypatch.setattr(envelope, "POOL_BLOCK", 1)  # one row of the leading dimension per block
+    assert torch.equal(envelope.max_pool_increment(x, c, kernel)[0], whole)
+    first = (0,) * (x.dim() - len(kernel))  # one window grid
+    grid, _ = envelope.max_pool_increment(x[first], c[first], kernel)
+    assert torch.equal(grid, whole[first])
