@@ -200,6 +200,46 @@ def _per_stage(rule: mg.rules.Rule, tau: int) -> mg.rules.Rule:
     return mg.rules.Rule(objective=rule.objective, state=[rule.state] * tau, weight=[rule.weight] * tau)
 
 
+@pytest.mark.parametrize("surrogate", [True, False])
+def test_fenchel_fuses_its_affine_stages(surrogate, monkeypatch):
+    """FenBP's affine stages take the vjp: a run of them (a control chain's steps, Flatten and
+    Linear) shares one autograd call, but for the output stage while the surrogate's term is asked
+    for. Directions, signals and surrogate terms equal the stage-by-stage sweep to 1e-10 in float64."""
+    P = mg.control.Pendulum(horizon=20)
+    chain = P.chain(P.initial_controls(torch.float64) + 0.3)
+    rule = mg.rules.fenchel(0.5, surrogate=surrogate)
+    oracle = mg.Oracle(chain, P.objective, rule)
+    assert oracle._fusable() == ([False] + [True] * (18 if surrogate else 19) + [False] * surrogate,
+                                 not surrogate)
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    have = oracle(None)
+    assert len(calls) == (3 if surrogate else 1)  # objective, output stage, the rest; or all in one
+    monkeypatch.undo()
+    want = mg.Oracle(chain, P.objective, _per_stage(rule, 20))(None)
+    for a, b in zip(have.directions, want.directions, strict=True):
+        torch.testing.assert_close(a["w"], b["w"], rtol=1e-10, atol=1e-14)
+    if surrogate:
+        torch.testing.assert_close(mg.rules.contrastive_surrogate(have), mg.rules.contrastive_surrogate(want),
+                                   rtol=1e-12, atol=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4), nn.Tanh(),
+                          nn.Linear(4, 3))
+    x, y = torch.randn(5, 2, 5, 5), torch.arange(5) % 3
+    fused = mg.Oracle(model, mg.losses.CrossEntropy(), rule)
+    assert fused._fusable()[0][:4] == [False, False, False, True]  # Flatten and Linear: one call
+    have = fused(x.requires_grad_(), y)
+    want = mg.Oracle(model, mg.losses.CrossEntropy(), _per_stage(rule, 6))(x, y)
+    for a, b in zip(have.directions, want.directions, strict=True):
+        for n in a or {}:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(have.input_grad, want.input_grad, rtol=1e-10, atol=1e-14)
+    if surrogate:
+        torch.testing.assert_close(mg.rules.contrastive_surrogate(have), mg.rules.contrastive_surrogate(want),
+                                   rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("name", ["mlp", "mlp_layers", "convnet", "residual", "batchnorm", "pendulum",
                                   "dynamics"])
 @pytest.mark.parametrize("with_input", [False, True])

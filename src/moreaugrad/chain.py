@@ -7,6 +7,7 @@ any ``torch.optim`` optimizer and ``chain(x)`` is the plain forward pass.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -47,13 +48,25 @@ class Handover:
     storage no other tensor of the result uses (``storages``: how many of the result's tensors sit
     on each storage). Autograd passes one gradient on unchanged through ``x + b``, so two
     parameters' directions, or a direction and the input's gradient, can be one memory under two
-    tensor objects: those are copied.
+    tensor objects: those are copied. Both sets come from ``census()``, called once, when the first
+    whole direction is offered (a control chain's rows never are: they are collected and flushed).
     """
 
-    def __init__(self, params: set[int], storages: Counter[int]):
-        self.params = params
-        self.storages = storages
+    def __init__(self, census: Callable[[], tuple[set[int], Counter[int]]]):
+        self._census = census  # -> (params, storages), taken at the first whole direction offered
         self.rows: dict[int, tuple[Tensor, list[tuple[int, Tensor]]]] = {}
+
+    @functools.cached_property
+    def _counted(self) -> tuple[set[int], Counter[int]]:
+        return self._census()
+
+    @property
+    def params(self) -> set[int]:
+        return self._counted[0]
+
+    @property
+    def storages(self) -> Counter[int]:
+        return self._counted[1]
 
     @staticmethod
     def storage(t: Tensor) -> int:

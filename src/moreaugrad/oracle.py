@@ -197,7 +197,7 @@ class Oracle:
             # parameter (a control chain's w_t = controls[t]) are distinct views, so they may fuse.
             owners = Counter((id(sl.param), sl.index) for st in stages for sl in st.slots)
             whole = {id(sl.param) for st in stages for sl in st.slots if sl.index is None}
-            plain = [plain_vjp(self.rule, s) and all(owners[(id(sl.param), sl.index)] == 1 and (
+            plain = [plain_vjp(self.rule, s, len(stages)) and all(owners[(id(sl.param), sl.index)] == 1 and (
                 sl.index is None or id(sl.param) not in whole) for sl in s.slots) for s in stages]
             self._connect = (key, [t > 0 and plain[t] and plain[t - 1] for t in range(len(plain))],
                              plain_gradient(self.rule) and plain[-1])
@@ -286,13 +286,18 @@ class Oracle:
         """
         with self.chain.pinned() as stages:
             result = self._run(x, y)
-        entries = Counter(id(s.param) for st, d in zip(stages, result.directions, strict=True) if d
-                          for s in st.slots if s.name in d)
-        shared = [d for ds in result.directions if ds for d in ds.values()]
-        signal_0 = getattr(result.input_signal, "value", None)
-        shared += [t for t in (result.input_grad, signal_0) if t is not None]
-        handover = Handover({p for p, n in entries.items() if n == 1},
-                            Counter(Handover.storage(t) for t in shared))
+
+        def census() -> tuple[set[int], Counter[int]]:
+            """Parameters with one direction in this call, and how many of the result's tensors
+            sit on each storage (counted only if a whole direction may be handed over)."""
+            entries = Counter(id(s.param) for st, d in zip(stages, result.directions, strict=True) if d
+                              for s in st.slots if s.name in d)
+            shared = [d for ds in result.directions if ds for d in ds.values()]
+            signal_0 = getattr(result.input_signal, "value", None)
+            shared += [t for t in (result.input_grad, signal_0) if t is not None]
+            return {p for p, n in entries.items() if n == 1}, Counter(Handover.storage(t) for t in shared)
+
+        handover = Handover(census)
         for stage, d in zip(stages, result.directions, strict=True):
             if d is not None:
                 stage.accumulate(d, handover)
@@ -394,12 +399,20 @@ def _objective_named(fused: bool, tape: Any, h: Any, y: Any) -> Iterator[None]:
         raise
 
 
+SMALL_DIRECTION = 4096  # entries: below this a direction is concatenated for the finiteness check
+
+
 def _check_finite(directions: list[Weights | None]) -> None:
     flat = [(t, n, d) for t, ds in enumerate(directions) if ds for n, d in ds.items()]
     if not flat:
         return
-    # One reduction and one host sync for the common, finite case.
-    if torch.isfinite(torch.stack([d.sum() for _, _, d in flat])).all():
+    # One host sync for the common, finite case: a sum per large direction, one sum over the small
+    # ones concatenated (a control chain's hundred rows: one reduction, not a hundred).
+    small = [d.reshape(-1) for _, _, d in flat if d.numel() <= SMALL_DIRECTION]
+    sums = [d.sum() for _, _, d in flat if d.numel() > SMALL_DIRECTION]
+    if small:
+        sums.append(torch.cat(small).sum() if len(small) > 1 else small[0].sum())
+    if torch.isfinite(torch.stack(sums) if len(sums) > 1 else sums[0]).all():
         return
     for t, n, d in flat:
         if not torch.isfinite(d).all():

@@ -626,6 +626,15 @@ def affine_state(rule: FiniteDifference, site: Any, signal: Signal) -> StateUpda
                                                spacing=tau))
 
 
+def _affine_vjp_at(rule: FiniteDifference, stage: Any, horizon: int | None) -> bool:
+    """``affine_state`` is the plain vjp, and may fuse with its neighbours, except at the output
+    stage when the surrogate's term is asked for (it reads the stage's signal)."""
+    return horizon is not None and not (rule.surrogate and stage.index + 1 == horizon)
+
+
+affine_state.vjp_at = _affine_vjp_at  # type: ignore[attr-defined]
+
+
 def is_activation(module: nn.Module) -> bool:
     """Whether :class:`FiniteDifference` applies its finite difference to this stage type."""
     return lookup(FiniteDifference(), "state", module) is activation_state

@@ -58,7 +58,10 @@ class Grad(LineRule):
         (``sweep.fused_vjp``; one entry per weight, None where autograd did not reach it)."""
         direction = {n: torch.zeros_like(w) if g is None else g
                      for (n, w), g in zip(site.w.items(), dw, strict=True)}
-        return WeightUpdate(regularized(site, direction), self.step, SolveInfo("vjp"))
+        return WeightUpdate(regularized(site, direction), self.step, VJP)
+
+
+VJP = SolveInfo("vjp")  # frozen: one instance for every stage
 
 
 def regularized(site: Any, direction: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -89,17 +92,24 @@ def plain_gradient(rule: Any) -> bool:
     return type(rule.objective).objective is Grad.objective
 
 
-def plain_vjp(rule: Any, stage: Any) -> bool:
+def plain_vjp(rule: Any, stage: Any, horizon: int | None = None) -> bool:
     """Whether ``rule``'s state and weight lines at ``stage`` are :class:`Grad`'s plain vjps, so a
     run of such stages may share one autograd call (:func:`~moreaugrad.sweep.fused_vjp`), whose
-    weight parts the weight rule's ``fused`` turns into updates."""
+    weight parts the weight rule's ``fused`` turns into updates.
+
+    A state line of another rule that is the vjp on some stages says so by an attribute
+    ``vjp_at(line_rule, stage, horizon) -> bool`` on its registered function (FenBP's affine stages,
+    but for the output stage, whose surrogate term needs its signal); such a stage's state info is
+    then left empty, as a fused segment forms no signal inside it."""
     for line, spec, fn in (("state", rule.state, grad_state), ("weight", rule.weight, grad_weight)):
         if not isinstance(spec, LineRule) or any(
                 getattr(type(spec), m) is not getattr(LineRule, m) for m in ("entry", "state", "weight")):
             return False
         try:
-            if lookup(spec, line, stage.module) is not fn:
-                return False
+            found = lookup(spec, line, stage.module)
         except NotImplementedError:
+            return False
+        vjp_at = getattr(found, "vjp_at", None)
+        if found is not fn and not (vjp_at is not None and vjp_at(spec, stage, horizon)):
             return False
     return True
