@@ -340,7 +340,7 @@ def test_max_pool_network_equals_the_sort_path(kernel, shape, monkeypatch):
     c = c * torch.tensor([1e-4, 1.0, 30.0], dtype=torch.float64)[torch.arange(c.numel()) % 3].view(c.shape)
     whole, _ = envelope.max_pool_increment(x, c, kernel)
     torch.testing.assert_close(whole, _pool_by_sort(x, c, kernel), rtol=1e-12, atol=1e-14)
-    monkeypatch.setattr(envelope, "POOL_BLOCK", 1)  # one row of the leading dimension per block
+    monkeypatch.setattr(mg.kernels, "BLOCK_BYTES", 1)  # one row of the leading dimension per block
     assert torch.equal(envelope.max_pool_increment(x, c, kernel)[0], whole)
     first = (0,) * (x.dim() - len(kernel))  # one window grid
     grid, _ = envelope.max_pool_increment(x[first], c[first], kernel)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .solvers import CAP, rounding_slack
 from .types import SolveInfo
 
@@ -262,13 +263,13 @@ class ReLUProx(Increment):
         return self.moved(x, c).neg_(), SolveInfo("closed form: piecewise linear")
 
     @staticmethod
-    def moved(x: Tensor, c: Tensor) -> Tensor:
-        """``x - u``, a fresh tensor: ``min(max(x, 0), c)`` is the soft threshold for ``c >= 0`` and
-        ``c`` itself for ``c < 0`` (``max(x, 0) >= 0 > c``), kept where ``x > min(c/2, 0)``: every
-        ``x > 0`` for ``c >= 0`` (elsewhere the threshold is 0 already), the better local minimum
-        for ``c < 0``. No ``where`` and no boolean tensor (each several times slower than a float
-        pass on CPU): the comparison writes 0/1 floats."""
-        e = x.clamp_min(0)
+    def moved(x: Tensor, c: Tensor, out: Tensor | None = None) -> Tensor:
+        """``x - u``, a fresh tensor (or ``out``, shaped like ``x`` and ``c``): ``min(max(x, 0), c)``
+        is the soft threshold for ``c >= 0`` and ``c`` itself for ``c < 0`` (``max(x, 0) >= 0 > c``),
+        kept where ``x > min(c/2, 0)``: every ``x > 0`` for ``c >= 0`` (elsewhere the threshold is 0
+        already), the better local minimum for ``c < 0``. No ``where`` and no boolean tensor (each
+        several times slower than a float pass on CPU): the comparison writes 0/1 floats."""
+        e = x.clamp_min(0) if out is None else torch.clamp_min(x, 0, out=out)
         same = e.shape == c.shape and e.dtype == c.dtype
         e = torch.minimum(e, c, out=e) if same else torch.minimum(e, c)
         threshold = (c * 0.5).clamp_max_(0)
@@ -369,17 +370,15 @@ def max_pool_increment(x: Tensor, c: Tensor, kernel: tuple[int, ...]) -> tuple[T
     y = torch.empty_like(x) if covered else torch.zeros_like(x)
     if x.dim() == len(kernel):  # one window grid: nothing to split
         return _pool_by_network(x, c, kernel, y), SolveInfo("closed form: max over windows")
-    # Blocks of the leading dimension of about POOL_BLOCK bytes: the network reads and writes x
-    # and y through strided views, which within a block stay in cache (004 ConvNet's first pooling,
-    # 8 MiB: 13 ms in one piece, 7 ms in blocks of 2-4 MiB).
-    rows = max(1, POOL_BLOCK // max(1, x[0].numel() * x.element_size()))
+    # In blocks (kernels.row_blocks): the network reads and writes x and y through strided views,
+    # which within a block stay in cache, and its temporaries are block-sized.
+    rows = kernels.row_blocks(x)
     for xs, cs, ys in zip(x.split(rows), c.split(rows), y.split(rows), strict=True):
         _pool_by_network(xs, cs, kernel, ys)
     return y, SolveInfo("closed form: max over windows")
 
 
 SMALL_WINDOW = 9
-POOL_BLOCK = 3 << 20
 
 
 def _pool_by_network(x: Tensor, c: Tensor, kernel: tuple[int, ...], y: Tensor) -> Tensor:

@@ -587,8 +587,11 @@ def activation_state(rule: FiniteDifference, site: Any, signal: Signal) -> State
     n = _per_sample(rule.batch_mean, u)
     if type(rule.spacing) is ConstantSpacing:  # g is not read: skip forming it (not a subclass)
         tau: float | Tensor = rule.spacing.tau
-        if prof is _RELU and kernels.compiling() and not rule.targets and lam.shape == u.shape:
-            out, term = kernels.fenbp_relu(u, lam, tau * n, rule.surrogate)  # one fused loop
+        if prof is _RELU and not rule.targets and lam.shape == u.shape and u.dim() > 0:
+            if kernels.compiling():
+                out, term = kernels.fenbp_relu(u, lam, tau * n, rule.surrogate)  # one fused loop
+            else:
+                out, term = _relu_in_blocks(u, lam, tau * n, rule.surrogate)
             return StateUpdate(Dual(out), SurrogateInfo("finite difference", term=term, spacing=tau))
         delta = (tau * n) * lam
     else:
@@ -608,6 +611,22 @@ def activation_state(rule: FiniteDifference, site: Any, signal: Signal) -> State
     # inc is this rule's own fresh tensor, read for the last time: divide it in place.
     out = inc.div_(tau * n) if isinstance(tau, float | int) else inc / (tau * n)
     return StateUpdate(Dual(out), SurrogateInfo("finite difference", term=term, target=zbar, spacing=tau))
+
+
+def _relu_in_blocks(u: Tensor, lam: Tensor, c: float, surrogate: bool) -> tuple[Tensor, Tensor | None]:
+    """FenBP on a ReLU with the spacing ``c = tau n``: ``lambda_{t-1} = inc / c`` and the stage's
+    surrogate term, ``-<inc, lam> + sum D / c``, block by block (:func:`kernels.row_blocks`), so
+    that the chain of passes stays in cache; the term sums the blocks' terms."""
+    out, terms = torch.empty_like(u), []
+    rows = kernels.row_blocks(u)
+    for us, ls, os in zip(u.split(rows), lam.split(rows), out.split(rows), strict=True):
+        delta = c * ls
+        inc = _relu_difference(us, delta)
+        if surrogate:
+            terms.append(-torch.dot(inc.reshape(-1), ls.reshape(-1)) + _relu_gap_sum(us, delta, inc) / c)
+        torch.div(inc, c, out=os)
+    term = (terms[0] if len(terms) == 1 else torch.stack(terms).sum()) if surrogate else None
+    return out, term
 
 
 @register(FiniteDifference, "state")

@@ -362,7 +362,13 @@ def activation_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
         if kernels.compiling() and lam.shape == x.shape:
             return StateUpdate(Dual(kernels.moreau_relu(x, lam, gamma, beta)),
                                SolveInfo("closed form: piecewise linear"))
-        moved = prim.moved(x, c)
+        if c.shape != x.shape or x.dim() == 0:
+            moved = prim.moved(x, c)
+        else:  # block by block (kernels.row_blocks): its passes stay in cache
+            moved = torch.empty_like(x)
+            rows = kernels.row_blocks(x)
+            for xs, cs, out in zip(x.split(rows), c.split(rows), moved.split(rows), strict=True):
+                prim.moved(xs, cs, out)
         return StateUpdate(Dual(moved if beta == 1 else moved.mul_(beta)),
                            SolveInfo("closed form: piecewise linear"))
     y, info = prim.increment(x, c)
