@@ -150,7 +150,25 @@ def test_cg_rows_equal_dense_cg(kind, batch, steps, per_output, path, monkeypatc
         want = dense_cg(big, B.reshape(-1), steps).reshape(B.shape)
     got, info = solve_weight(site, r, scale, kappa, c, CG(steps, per_output=per_output))
     torch.testing.assert_close(as_matrix(m, got), -want, rtol=1e-10, atol=1e-12)
-    assert info.iterations == steps
+    # k steps, or fewer once the residual is at the rounding of b (batch 2: a 2-D coefficient space)
+    assert info.iterations == steps or (info.iterations < steps and info.residual <= 1e-14 * float(B.norm()))
+
+
+def test_cg_stops_at_the_rounding_of_b():
+    """CG(k) on a problem of fewer than k dimensions stops once its residual is at the rounding of
+    the right-hand side (a control chain's 1-D weight problems: one step, not three), with the
+    exact answer, and reports the steps it took."""
+    from moreaugrad.lstsq import cg
+
+    M = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
+    b = torch.tensor([1.0, -2.0])
+    (x,), info = cg(lambda v: [M @ v[0]], [b], 5, 1)
+    torch.testing.assert_close(x, torch.linalg.solve(M, b), rtol=1e-14, atol=1e-14)
+    assert info.iterations == 2 and info.converged is None
+    P = mg.control.Pendulum(horizon=10)
+    chain = P.chain(P.initial_controls(torch.float64) + 0.2)
+    result = mg.Oracle(chain, P.objective, mg.rules.proxprop(tau_theta=1.0, method=CG(3)))(None)
+    assert {i.weight.iterations for i in result.info if i.weight.iterations} == {1}
 
 
 @pytest.mark.parametrize("kind,batch", CASES)

@@ -13,7 +13,8 @@ c = 1/tau_theta`` with ``r = tau lambda``; the augmented-Lagrangian weight step 
 ``delta`` (target propagation's approximate inverse, 000 eq. 40).
 
 Exact solves use the Gram matrix of the layer input for ``Linear`` and ``Conv2d`` weights (one
-batched solve whose size is independent of the batch, 004 eq. 44) and ``W^T W`` for ``Linear``
+batched solve whose size is independent of the batch, 004 eq. 44; a stride-1 convolution's from
+shifted products of its input, :func:`conv_gram`, without unfolding it) and ``W^T W`` for ``Linear``
 inputs; :class:`CG` runs ``k`` matrix-free steps on ``kappa J^T J + c I`` for any stage, with
 ``J^T`` from the recorded graph and ``J`` by eager forward-mode AD. For a stage that is not linear in the
 variable this is the Gauss-Newton (linearised) step.
@@ -127,12 +128,17 @@ def _jvp_by_two_vjps(fn: Any, primals: tuple[Tensor, ...],
     return out.detach(), torch.zeros_like(out) if jv is None else jv.detach()
 
 
+EXACT_RESIDUAL = 8  # in units of eps ||b||: a CG residual at the rounding of the right-hand side
+
+
 def cg(apply: Any, b: list[Tensor], steps: int, groups: int, tol: float = 0.0,
        metric: Any = None) -> tuple[list[Tensor], SolveInfo]:
     """Conjugate gradient for ``M x = b`` from ``x = 0``, per group; ``M`` must be SPD.
 
     With ``tol > 0`` it stops when every group's residual is below ``tolerance(tol, ||b_g||)``
-    (relative to the right-hand side); with ``tol = 0`` it runs ``steps`` steps (``CG(k)``).
+    (relative to the right-hand side); with ``tol = 0`` it runs ``steps`` steps (``CG(k)``), or
+    fewer when every residual is down to the rounding of ``b`` (``EXACT_RESIDUAL eps ||b_g||``:
+    solved exactly, as on a problem of fewer than ``k`` dimensions).
     ``metric``, when given, is a linear map ``P`` (SPD, commuting with ``M``) that makes the inner
     product ``<P u, v>``: CG applies ``P`` once per step, to the residual, keeps ``P p`` by
     recurrence and calls ``apply(p, P p)``, so an operator that is a polynomial in ``P`` costs
@@ -150,7 +156,10 @@ def cg(apply: Any, b: list[Tensor], steps: int, groups: int, tol: float = 0.0,
     Pr = r if metric is None else metric(r)
     Pp = Pr
     rr = gdot(Pr, r, groups)
-    bound = tolerance(tol, rr.sqrt())
+    # CG(k) (tol = 0) still stops once the residual is at the rounding of b: the problem's
+    # dimension reached (a control's 1-D weight problem is exact after one step), further steps
+    # would only rework rounding, at the cost of an operator each.
+    bound = tolerance(tol, rr.sqrt()) if tol > 0 else EXACT_RESIDUAL * torch.finfo(rr.dtype).eps * rr.sqrt()
     it, message = 0, ""
     for it in range(1, steps + 1):  # noqa: B007 - reported
         Ap = apply(p) if metric is None else apply(p, Pp)
@@ -353,20 +362,6 @@ def conv_gram(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) -> t
     return G, s.to(x.dtype).reshape(K)
 
 
-def conv_gram_cost(rows: _Rows) -> float:
-    """:func:`conv_gram`'s multiply-adds for a stride-1 convolution's rows, counted at the rate of
-    the layer's own kernels: its products are ``C x C`` blocks, which run at about
-    ``C / (C + SHIFTED_SMALL)`` of that rate."""
-    (B, C, H, W), (kh, kw), (ph, pw) = rows.x.shape, rows.module.kernel_size, rows.module.padding
-    products = sum((kh - di) * (2 * kw - 1 if di else kw) for di in range(kh))
-    return products * (W + 2 * pw) * (H + 2 * ph - kh + 1) * B * C * (C + SHIFTED_SMALL)
-
-
-# Measured on CPU (torch 2.13, 2 threads, batch 128): conv_gram ran at 12, 44, 35, 57 and 79
-# GMAC/s for C = 3, 16, 20, 32, 64 input channels, the convolution kernels at about 100.
-SHIFTED_SMALL = 20
-
-
 def _rows(site: Any) -> _Rows | None:
     """The row form of a ``Linear`` or ``Conv2d`` stage whose weights are all variables, else None
     (also for a parametrized or hooked module, which is not linear in its raw parameters)."""
@@ -422,21 +417,18 @@ def _sym_solve(K: Tensor, B: Tensor, c: float) -> Tensor:
     return torch.linalg.pinv(K, hermitian=True) @ B
 
 
-# The Gram matrix of a strided or dilated convolution needs its unfolded patches (``N k~`` entries
-# written, then copied): on CPU that costs about as much as 128 multiply-adds per entry (004 ConvNet
-# and All-CNN-C, torch 2.13, 2 threads: the Gram path of conv1 took 3x its three layer-kernel CG
-# steps).
+# The Gram matrix of a convolution costs about as much as 128 multiply-adds per patch entry on CPU
+# (004 ConvNet and All-CNN-C, torch 2.13, 2 threads: the Gram path of conv1 took 3x its three
+# layer-kernel CG steps when formed from unfolded patches). conv_gram forms it faster for stride 1,
+# but at a rate that depends on the channels and the allocator: in whole-oracle A/Bs, choosing it
+# by a flop count made cg3 on All-CNN-C slower (4.1x against 3.3x), so the choice stays this one.
 UNFOLD_COST = 128
 
 
 def _by_layer(rows: _Rows, steps: int, out: int) -> bool:
     """Whether CG applies the operator by the layer's kernels rather than the Gram matrix: ``2 N k~
-    out`` multiply-adds a step against the Gram matrix's once: ``N k~ (k~ + U)``, ``U`` the
-    unfolding's cost for a strided convolution, or :func:`conv_gram_cost` for a stride-1 one."""
-    by_layer = 2 * steps * out * rows.n * rows.k
-    if rows.shifted:
-        return conv_gram_cost(rows) >= by_layer
-    return rows.n * rows.k * (rows.k + (UNFOLD_COST if rows.conv else 0)) >= by_layer
+    out`` a step against ``N k~ (k~ + U)`` once, ``U`` a convolution's Gram cost per entry."""
+    return rows.k + (UNFOLD_COST if rows.conv else 0) >= 2 * steps * out
 
 
 def _cg_rows(rows: _Rows, r: Tensor, kappa: float, c: float, steps: int, tol: float,
