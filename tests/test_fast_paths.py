@@ -4,6 +4,7 @@ row, and the fused vjp segments of the backprop sweep against stage-by-stage vjp
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -265,7 +266,8 @@ def test_fenchel_fuses_its_affine_stages(surrogate, monkeypatch):
     grad = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
     have = oracle(None)
-    assert len(calls) == (3 if surrogate else 1)  # objective, output stage, the rest; or all in one
+    # the objective (a callable: its own call), the output stage, the rest; or the stages in one
+    assert len(calls) == (3 if surrogate else 2)
     monkeypatch.undo()
     want = mg.Oracle(chain, P.objective, _per_stage(rule, 20))(None)
     for a, b in zip(have.directions, want.directions, strict=True):
@@ -385,19 +387,46 @@ def test_objective_fused_into_the_top_segment_equals_its_own_call(input_grad):
             m.double()
 
 
-def test_objective_fused_reports_a_non_finite_gradient():
-    """With the objective inside the top segment its gradient is never formed: a non-finite one
-    reaches the checked directions, is traced back to the objective and reported by the same
-    message as the unfused sweep's, and nothing is written to ``.grad``."""
-    model = nn.Sequential(nn.Linear(3, 2))
-    nn.init.zeros_(model[0].weight), nn.init.zeros_(model[0].bias)  # the output is 0 ...
-    oracle = mg.Oracle(model, lambda out, y: out.sqrt().sum())  # ... where sqrt's slope is inf
+def test_objective_fused_reports_a_non_finite_loss_as_before():
+    """With the objective inside the top segment its gradient is never formed: a NaN loss (a NaN
+    weight) is traced back to the objective and reported by the unfused sweep's message, also
+    under ``torch.inference_mode()``; nothing is written to ``.grad``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    oracle = mg.Oracle(model, mg.losses.CrossEntropy())
     assert oracle._fusable()[1]
-    with pytest.raises(mg.NonFiniteError, match=re.escape(
-            "the signal entering stage 1 (Linear) (from the objective) is not finite")) as err:
-        oracle.backward(torch.ones(4, 3))
-    assert "direction of stage 1" in str(err.value.__cause__)  # what the fused sweep met first
-    assert model[0].weight.grad is None
+    x, y = torch.ones(5, 3), torch.arange(5) % 2
+    for mode in (contextlib.nullcontext, torch.inference_mode):
+        with mode(), pytest.raises(mg.NonFiniteError, match=re.escape(
+                "the signal entering stage 3 (Linear) (from the objective) is not finite")):
+            oracle.backward(x, y)
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_only_known_losses_join_the_top_segment():
+    """A callable objective keeps its own autograd call: it may read the weights (the oracle
+    differentiates ``h`` through the output only, as before), or have an infinite gradient at a
+    finite loss that a ReLU below would hide; a chain without weights or input gradient does not
+    fuse at all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.arange(5) % 2
+    ce = mg.losses.CrossEntropy()
+    reads_weight = mg.Oracle(model, lambda out, t: ce(out, t) + 10 * model[2].weight.pow(2).sum())
+    want = mg.Oracle(model, ce, mg.rules.Rule(objective=_SeparateGrad(), state=mg.rules.Grad(),
+                                              weight=mg.rules.Grad()))(x, y)
+    for a, b in zip(reads_weight(x, y).directions, want.directions, strict=True):
+        for n in a or {}:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-12, atol=1e-14)
+    hidden = mg.Oracle(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), lambda out, t: out.sqrt().sum())
+    with pytest.raises(mg.NonFiniteError, match="from the objective"):
+        hidden(x, None)
+    frozen = nn.Sequential(nn.Linear(3, 4).requires_grad_(False), nn.ReLU())
+    result = mg.Oracle(frozen, lambda out, t: out.sum())(x, None)
+    assert result.directions == [None, None] and torch.isfinite(result.loss)
+    assert mg.Oracle(nn.Sequential(nn.ReLU()), ce)(x[:, :2], y).directions == [None]
 
 
 def test_relu_difference_equals_the_piecewise_integral():

@@ -274,8 +274,10 @@ class ReLUProx(Increment):
         e = torch.minimum(e, c, out=e) if same else torch.minimum(e, c)
         threshold = (c * 0.5).clamp_max_(0)
         if threshold.shape == x.shape and threshold.dtype == x.dtype:  # the mask as 0/1 floats
-            return e.mul_(torch.gt(x, threshold, out=threshold))
-        return e.mul_(x > threshold)
+            e = e.mul_(torch.gt(x, threshold, out=threshold))
+        else:
+            e = e.mul_(x > threshold)
+        return e if out is None or e is out else out.copy_(e)
 
 
 RELU = ReLUProx()
@@ -503,7 +505,9 @@ def softmax_env(z: Tensor, q: Tensor, c: float, tol: float | None = None,
 
     def value(v: Tensor) -> Tensor:  # per row, for v of shape (N, C) or a stack (S, N, C)
         u = z + v
-        return (c * a[:, 0]) * torch.logsumexp(u, -1) - (u * cq).sum(-1) + 0.5 * (v * v).sum(-1)
+        # The loss before the factor c: its two terms cancel to a small value, which c * each would
+        # not resolve at a large c.
+        return c * (a[:, 0] * torch.logsumexp(u, -1) - (u * q).sum(-1)) + 0.5 * (v * v).sum(-1)
 
     v = torch.softmax(z, 1).mul_(-k).add_(cq)  # -c (a p(z) - q)
     it, res, ok = 0, 0.0, True

@@ -128,6 +128,22 @@ def functional_loss(h: Any) -> nn.Module | None:
     return None if cls is None else cls()
 
 
+FINITE_GRADIENT: tuple[type, ...] = (SquaredLoss, CrossEntropy, nn.CrossEntropyLoss, nn.MSELoss,
+                                     nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.NLLLoss,
+                                     nn.BCEWithLogitsLoss)
+"""Losses of the output alone whose gradient is finite wherever the loss and the output are (not
+``nn.BCELoss``: its loss is clamped where its gradient is infinite)."""
+
+
+def finite_gradient(h: Any) -> bool:
+    """Whether ``h`` is one of :data:`FINITE_GRADIENT`'s exact types (a subclass may compute anything)
+    with no parameter that requires grad: a function of the output alone, whose gradient needs no
+    finiteness check of its own. Backprop then takes it in the top stages' autograd call."""
+    if type(h) not in FINITE_GRADIENT:
+        return False
+    return not any(p.requires_grad for p in h.parameters()) if isinstance(h, nn.Module) else True
+
+
 def _public_name(cls: type) -> str:
     module = cls.__module__
     if module.startswith("torch.nn"):

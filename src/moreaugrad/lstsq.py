@@ -250,7 +250,8 @@ class _Rows:
     def shifted(self) -> bool:
         """A convolution of stride and dilation 1, whose Gram matrix :func:`conv_gram` forms from
         shifted products of the input instead of unfolded patches."""
-        return self.conv and self.module.stride == (1, 1) and self.module.dilation == (1, 1)
+        return (self.conv and self.x.dim() == 4 and self.module.stride == (1, 1)
+                and self.module.dilation == (1, 1))
 
     def gram(self) -> Tensor:
         """``A~^T A~`` (``k~ x k~``)."""
@@ -341,13 +342,14 @@ def conv_gram(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) -> t
     K = C * kh * kw
     G = x.new_zeros(K, K)
     channel = torch.arange(C, device=x.device) * (kh * kw)
+    acc = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
     for di in range(kh):
         for i in range(kh - di):  # the window's first row, for the left factor; di + i for the right
             left = base[:, :, i * B:(i + Ho) * B]
             for dj in range(-(kw - 1) if di else 0, kw):
                 right = cols[ew + dj:ew + dj + Wp, :, (i + di) * B:(i + di + Ho) * B]
                 per_column = torch.bmm(left, right.transpose(1, 2))  # (Wp, C, C)
-                prefix = F.pad(per_column.to(torch.float64).cumsum(0), (0, 0, 0, 0, 1, 0))
+                prefix = F.pad(per_column.to(acc).cumsum(0), (0, 0, 0, 0, 1, 0))
                 j = torch.arange(max(0, -dj), min(kw, kw - dj), device=x.device)
                 block = (prefix[j + Wo] - prefix[j]).to(x.dtype)  # (columns j, C, C)
                 here = (i * kw + j)[:, None, None] + channel[:, None]
@@ -355,7 +357,7 @@ def conv_gram(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) -> t
                 G.index_put_((here, there), block)
                 if di or dj:
                     G.index_put_((there.transpose(1, 2), here.transpose(1, 2)), block.transpose(1, 2))
-    sums = F.pad(x.sum(0), (pw, pw, ph, ph)).to(torch.float64)  # (C, Hp, Wp), then its box sums
+    sums = F.pad(x.sum(0), (pw, pw, ph, ph)).to(acc)  # (C, Hp, Wp), then its box sums
     prefix = F.pad(sums.cumsum(1).cumsum(2), (1, 0, 1, 0))
     i, j = torch.arange(kh, device=x.device)[:, None], torch.arange(kw, device=x.device)[None, :]
     s = prefix[:, i + Ho, j + Wo] - prefix[:, i, j + Wo] - prefix[:, i + Ho, j] + prefix[:, i, j]

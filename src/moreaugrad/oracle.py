@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .chain import Chain, Handover
-from .losses import Regularizer, check_objective
+from .losses import Regularizer, check_objective, finite_gradient
 from .rules import Rule, backprop
 from .rules.grad import plain_gradient, plain_vjp
 from .solvers import CAP
@@ -236,6 +236,10 @@ class Oracle:
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext(), \
                 torch.inference_mode(False), torch.enable_grad():
             connect, fuse_objective = self._fusable()
+            # Only a known loss of the output alone joins the top segment: a callable may close over
+            # the weights (then autograd would differentiate them there), or have an infinite
+            # gradient at a finite loss that a ReLU below would hide.
+            fuse_objective = fuse_objective and finite_gradient(self.objective)
             tape = record(self.chain, x, self._regularizers(), input_signal=x.requires_grad,
                           compute=compute, connect=connect, batch_sum=self._batch_sum)
             finish = hasattr(self.rule, "finish")
@@ -394,7 +398,10 @@ def _objective_named(fused: bool, tape: Any, h: Any, y: Any) -> Iterator[None]:
         yield
     except NonFiniteError as err:
         if fused:
-            with torch.enable_grad():
+            device = tape.output.device.type
+            autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+            with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext(), \
+                    torch.inference_mode(False), torch.enable_grad():
                 check_objective_signal(tape, h, y, cause=err)
         raise
 

@@ -148,7 +148,7 @@ def value_and_grad(fun: Objective, z: Sequence[Tensor]) -> tuple[Tensor, list[Te
     f = f.detach()
     if proximal:
         zd = [x.detach() for x in z]
-        return f + 0.5 * gdot(zd, zd, fun.groups), [x if g is None else g + x
+        return f + 0.5 * gdot(zd, zd, fun.groups), [x.clone() if g is None else g + x
                                                     for x, g in zip(zd, grads, strict=True)]
     return f, [torch.zeros_like(x) if g is None else g for x, g in zip(zz, grads, strict=True)]
 

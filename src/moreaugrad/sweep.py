@@ -372,15 +372,14 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any,
     what it has used, and only the last signal is kept (``signal_0`` when the input is a variable):
     the sweep's memory is then one signal and the activations not yet swept.
 
-    ``fuse_objective`` (the objective line is ``grad h`` and the top stage's lines are plain vjps,
-    :func:`~moreaugrad.rules.grad.plain_gradient`) starts the top segment from the loss itself: one
-    autograd call for the objective and the segment, as ``loss.backward()``. ``signal_tau`` is then
-    None, never formed; a non-finite one shows in the directions and signals below it, which are
-    checked.
+    ``fuse_objective`` (the objective line is ``grad h`` of a loss whose gradient is finite where
+    its value is, :func:`~moreaugrad.losses.finite_gradient`, and the top stage's lines are plain
+    vjps) starts the top segment from the loss itself: one autograd call for the objective and the
+    segment, as ``loss.backward()``. ``signal_tau`` is then None, never formed.
     """
     tau = len(tape.sites)
     signal: Signal | None
-    if fuse_objective:
+    if fuse_objective and tape.output.requires_grad:  # else no weight and no input below it
         loss, signal, objective_info = scalar_loss(h, tape.output, target), None, None
     else:
         loss, signal, objective_info = rule.objective.objective(h, tape.output, target, tau)
