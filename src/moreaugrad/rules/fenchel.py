@@ -617,14 +617,18 @@ def _relu_in_blocks(u: Tensor, lam: Tensor, c: float, surrogate: bool) -> tuple[
     """FenBP on a ReLU with the spacing ``c = tau n``: ``lambda_{t-1} = inc / c`` and the stage's
     surrogate term, ``-<inc, lam> + sum D / c``, block by block (:func:`kernels.row_blocks`), so
     that the chain of passes stays in cache; the term sums the blocks' terms."""
-    out, terms = torch.empty_like(u), []
     rows = kernels.row_blocks(u)
-    for us, ls, os in zip(u.split(rows), lam.split(rows), out.split(rows), strict=True):
+    one = rows >= u.shape[0]  # one block: the increment itself becomes the signal (no second buffer)
+    out, terms = None if one else torch.empty_like(u), []
+    for us, ls, os in zip(u.split(rows), lam.split(rows), [None] if one else out.split(rows), strict=True):
         delta = c * ls
         inc = _relu_difference(us, delta)
         if surrogate:
             terms.append(-torch.dot(inc.reshape(-1), ls.reshape(-1)) + _relu_gap_sum(us, delta, inc) / c)
-        torch.div(inc, c, out=os)
+        if one:
+            out = inc.div_(c)
+        else:
+            torch.div(inc, c, out=os)
     term = (terms[0] if len(terms) == 1 else torch.stack(terms).sum()) if surrogate else None
     return out, term
 
