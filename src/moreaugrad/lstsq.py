@@ -328,8 +328,8 @@ def conv_gram(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) -> t
     ``(column, channel, row * sample)``), and the column windows are differences of a prefix sum
     over the columns, kept in float64. Symmetry halves the shifts. ``kh (kh + 1)/2 (2 kw - 1)``
     products of ``Wp C^2 Ho B`` multiply-adds in all, against ``N (C kh kw)^2`` for the patches'
-    GEMM: 5x fewer for 5x5 kernels, 2.7x for 3x3 (and no copy of the patches). In float32 it is
-    also the more accurate (its long sums are over ``Ho B`` terms, not ``N``).
+    GEMM: 4-5x fewer for 5x5 kernels, about 3x for 3x3 (and no copy of the patches). In float32 it
+    is also the more accurate (its long sums are over ``Ho B`` terms, not ``N``).
     """
     B, C, H, W = x.shape
     kh, kw = kernel

@@ -184,9 +184,10 @@ class Oracle:
 
     def _fusable(self) -> tuple[list[bool], bool]:
         """Per stage, whether it and the stage before both take plain vjps, so the sweep fuses
-        them into one autograd call (``sweep.fused_vjp``), and whether the objective joins the top
-        stage's call (``grad h`` and a top stage of plain vjps); kept while the stages are the
-        same. Never for a rule with ``finish``: its pass after the sweep reads the whole tape."""
+        them into one autograd call (``sweep.fused_vjp``), and whether the objective may join the
+        top stage's call (``grad h`` and a top stage of plain vjps; the call also asks that ``h``
+        be a known loss, ``losses.finite_gradient``); kept while the stages are the same. Never
+        for a rule with ``finish``: its pass after the sweep reads the whole tape."""
         key = (self.chain.stages, self.rule)
         if hasattr(self.rule, "finish"):
             return [False] * len(key[0]), False

@@ -443,7 +443,7 @@ def _without_unused(site: Site, update: WeightUpdate) -> WeightUpdate:
 
 
 def check_objective_signal(tape: Tape, h: Callable[..., Tensor], target: Any,
-                    cause: BaseException | None = None) -> None:
+                           cause: BaseException | None = None) -> None:
     """Raise :class:`NonFiniteError` if ``grad h(x_tau)`` is not finite, naming the stage it enters:
     the check of ``signal_tau`` for a sweep that fused the objective into the top segment (its
     gradient never formed), made after that sweep met a non-finite value (``cause``)."""

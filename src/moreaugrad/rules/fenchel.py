@@ -620,7 +620,7 @@ def _relu_in_blocks(u: Tensor, lam: Tensor, c: float, surrogate: bool) -> tuple[
     rows = kernels.row_blocks(u)
     one = rows >= u.shape[0]  # one block: the increment itself becomes the signal (no second buffer)
     out, terms = None if one else torch.empty_like(u), []
-    for us, ls, os in zip(u.split(rows), lam.split(rows), [None] if one else out.split(rows), strict=True):
+    for us, ls, block in zip(u.split(rows), lam.split(rows), [None] if one else out.split(rows), strict=True):
         delta = c * ls
         inc = _relu_difference(us, delta)
         if surrogate:
@@ -628,7 +628,7 @@ def _relu_in_blocks(u: Tensor, lam: Tensor, c: float, surrogate: bool) -> tuple[
         if one:
             out = inc.div_(c)
         else:
-            torch.div(inc, c, out=os)
+            torch.div(inc, c, out=block)
     term = (terms[0] if len(terms) == 1 else torch.stack(terms).sum()) if surrogate else None
     return out, term
 
