@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .chain import Chain, Stage
-from .rules.grad import objective_value, scalar_loss
+from .rules.grad import Grad, scalar_loss
 from .types import Dual, Signal, StageInfo, Weights, WeightUpdate
 
 if TYPE_CHECKING:
@@ -383,7 +383,7 @@ def sweep(tape: Tape, rule: Rule, h: Callable[..., Tensor], target: Any,
         loss, signal, objective_info = scalar_loss(h, tape.output, target), None, None
     else:
         loss, signal, objective_info = rule.objective.objective(h, tape.output, target, tau)
-        _check_signal(signal, tape.output, lambda: f"entering {tape.sites[-1].label} (from the objective)")
+        _check_objective(signal, tape)
     directions: list[WeightUpdate | None] = [None] * tau
     info = [StageInfo() for _ in range(tau)]
     info[-1].extra["objective"] = objective_info
@@ -447,12 +447,16 @@ def check_objective_signal(tape: Tape, h: Callable[..., Tensor], target: Any,
     """Raise :class:`NonFiniteError` if ``grad h(x_tau)`` is not finite, naming the stage it enters:
     the check of ``signal_tau`` for a sweep that fused the objective into the top segment (its
     gradient never formed), made after that sweep met a non-finite value (``cause``)."""
-    loss, out = objective_value(h, tape.output.detach(), target)
-    (lam,) = torch.autograd.grad(loss, out)
+    _, signal, _ = Grad().objective(h, tape.output, target)
     try:
-        _check_signal(Dual(lam), out, lambda: f"entering {tape.sites[-1].label} (from the objective)")
+        _check_objective(signal, tape)
     except NonFiniteError as err:
         raise err from cause
+
+
+def _check_objective(signal: Signal, tape: Tape) -> None:
+    """:func:`_check_signal` for ``signal_tau``, named as entering the top stage."""
+    _check_signal(signal, tape.output, lambda: f"entering {tape.sites[-1].label} (from the objective)")
 
 
 def all_finite(t: Tensor) -> bool:
