@@ -372,10 +372,9 @@ def max_pool_increment(x: Tensor, c: Tensor, kernel: tuple[int, ...]) -> tuple[T
     y = torch.empty_like(x) if covered else torch.zeros_like(x)
     if x.dim() == len(kernel):  # one window grid: nothing to split
         return _pool_by_network(x, c, kernel, y), SolveInfo("closed form: max over windows")
-    # In blocks (kernels.row_blocks): the network reads and writes x and y through strided views,
+    # In blocks (kernels.blocks): the network reads and writes x and y through strided views,
     # which within a block stay in cache, and its temporaries are block-sized.
-    rows = kernels.row_blocks(x)
-    for xs, cs, ys in zip(x.split(rows), c.split(rows), y.split(rows), strict=True):
+    for xs, cs, ys in kernels.blocks(x, c, y):
         _pool_by_network(xs, cs, kernel, ys)
     return y, SolveInfo("closed form: max over windows")
 

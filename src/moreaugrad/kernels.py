@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK_BYTES", "CompileWarning", "compiling", "fenbp_relu", "moreau_relu", "reset",
-           "row_blocks", "use_compile"]
+__all__ = ["BLOCK_BYTES", "CompileWarning", "blocks", "compiling", "fenbp_relu", "moreau_relu",
+           "reset", "row_blocks", "use_compile"]
 
 BLOCK_BYTES = 3 << 20
 """The size of a block of an activation for the eager kernels (:func:`row_blocks`)."""
@@ -50,6 +50,13 @@ def row_blocks(t: Tensor) -> int:
     """
     row = t[0].numel() * t.element_size() if t.dim() > 0 and t.shape[0] > 0 else 1
     return max(1, BLOCK_BYTES // max(1, row))
+
+
+def blocks(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """The blocks of ``tensors`` (equal leading dimensions), block by block: views of
+    :func:`row_blocks` rows of each, the first tensor setting the size."""
+    rows = row_blocks(tensors[0])
+    return zip(*(t.split(rows) for t in tensors), strict=True)
 
 _STATE = {"on": os.environ.get("MOREAUGRAD_COMPILE", "") == "1"}
 

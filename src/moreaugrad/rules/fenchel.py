@@ -615,22 +615,25 @@ def activation_state(rule: FiniteDifference, site: Any, signal: Signal) -> State
 
 def _relu_in_blocks(u: Tensor, lam: Tensor, c: float, surrogate: bool) -> tuple[Tensor, Tensor | None]:
     """FenBP on a ReLU with the spacing ``c = tau n``: ``lambda_{t-1} = inc / c`` and the stage's
-    surrogate term, ``-<inc, lam> + sum D / c``, block by block (:func:`kernels.row_blocks`), so
-    that the chain of passes stays in cache; the term sums the blocks' terms."""
-    rows = kernels.row_blocks(u)
-    one = rows >= u.shape[0]  # one block: the increment itself becomes the signal (no second buffer)
-    out, terms = None if one else torch.empty_like(u), []
-    for us, ls, block in zip(u.split(rows), lam.split(rows), [None] if one else out.split(rows), strict=True):
+    surrogate term, ``-<inc, lam> + sum D / c``, block by block (:func:`kernels.blocks`), so that
+    the chain of passes stays in cache; the term sums the blocks' terms."""
+
+    def step(us: Tensor, ls: Tensor) -> tuple[Tensor, Tensor | None]:
         delta = c * ls
         inc = _relu_difference(us, delta)
-        if surrogate:
-            terms.append(-torch.dot(inc.reshape(-1), ls.reshape(-1)) + _relu_gap_sum(us, delta, inc) / c)
-        if one:
-            out = inc.div_(c)
-        else:
-            torch.div(inc, c, out=block)
-    term = (terms[0] if len(terms) == 1 else torch.stack(terms).sum()) if surrogate else None
-    return out, term
+        if not surrogate:
+            return inc, None
+        return inc, -torch.dot(inc.reshape(-1), ls.reshape(-1)) + _relu_gap_sum(us, delta, inc) / c
+
+    if kernels.row_blocks(u) >= u.shape[0]:  # one block: the increment becomes the signal in place
+        inc, term = step(u, lam)
+        return inc.div_(c), term
+    out, terms = torch.empty_like(u), []
+    for us, ls, block in kernels.blocks(u, lam, out):
+        inc, term = step(us, ls)
+        terms.append(term)
+        torch.div(inc, c, out=block)
+    return out, torch.stack(terms).sum() if surrogate else None
 
 
 @register(FiniteDifference, "state")

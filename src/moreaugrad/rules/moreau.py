@@ -364,10 +364,9 @@ def activation_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
                                SolveInfo("closed form: piecewise linear"))
         if c.shape != x.shape or x.dim() == 0:
             moved = prim.moved(x, c)
-        else:  # block by block (kernels.row_blocks): its passes stay in cache
+        else:  # block by block (kernels.blocks): its passes stay in cache
             moved = torch.empty_like(x)
-            rows = kernels.row_blocks(x)
-            for xs, cs, out in zip(x.split(rows), c.split(rows), moved.split(rows), strict=True):
+            for xs, cs, out in kernels.blocks(x, c, moved):
                 prim.moved(xs, cs, out)
         return StateUpdate(Dual(moved if beta == 1 else moved.mul_(beta)),
                            SolveInfo("closed form: piecewise linear"))
