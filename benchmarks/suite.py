@@ -85,6 +85,7 @@ class Case:
     peak_bytes: int | None = None
     warnings: list[str] = field(default_factory=list)
     profile: str = ""
+    syncs: dict[str, int] | None = None
 
     @property
     def active(self) -> bool:
@@ -120,6 +121,30 @@ def profile_table(fn: Callable[[], None], device: torch.device, rows: int) -> st
         fn()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def host_syncs(fn: Callable[[], None]) -> dict[str, int]:
+    """The host syncs of one CUDA call, counted by the line of Python that made each (its file
+    under the library or the suite, else its base name), from ``torch.cuda.set_sync_debug_mode``'s
+    warnings; ``{}`` when the call never waits for the device."""
+    mode = torch.cuda.get_sync_debug_mode()
+    counts: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    for w in caught:
+        if "synchroniz" not in str(w.message):
+            continue
+        path = Path(w.filename)
+        where = "/".join(path.parts[-2:]) if path.parent.name in ("moreaugrad", "benchmarks", "rules") \
+            else path.name
+        key = f"{where}:{w.lineno}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _timed_out(err: BaseException | None) -> bool:
@@ -241,6 +266,11 @@ def run_model(model: Model, args: argparse.Namespace, peer: Any, device: torch.d
                 module = getattr(case.call, "module", work.module)
                 case.peak_bytes = peak_bytes(case.call, device,
                                              reset=lambda m=module: m.zero_grad(set_to_none=True))
+        if args.syncs and device.type == "cuda":
+            for case in active:
+                case.syncs = host_syncs(case.call)
+                tqdm.write(f"{model.id} / {case.preset}: {sum(case.syncs.values())} host syncs "
+                           f"{case.syncs}")
         if args.profile:
             for case in active:
                 case.profile = profile_table(case.call, device, args.profile)
@@ -275,6 +305,7 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
             "warnings": c.warnings, "warmup_s": c.warmup_s, "times_s": c.times_s,
             "median_s": c.median_s, "spread": c.spread, "time_ratio": time_ratio, "vs_backprop": vs_bp,
             "peak_bytes": c.peak_bytes, "memory_ratio": mem_ratio, "profile": c.profile,
+            "syncs": c.syncs,
             "target": None if target is None else {"label": target.label, "metric": target.metric,
                                                    "limit": target.limit,
                                                    "met": None if value is None else value <= target.limit},
@@ -349,6 +380,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "up to 10x a call made of many small operations)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="print (and keep in the JSON) torch.profiler's top N operators of one call per case")
+    ap.add_argument("--syncs", action="store_true",
+                    help="on CUDA, count the host syncs of one call per case and the lines that make "
+                         "them (torch.cuda.set_sync_debug_mode); kept in the JSON")
     ap.add_argument("--peer", default=None, metavar="DIR",
                     help="the reference ProxProp (a folder with ProxProp.py) beside ours")
     ap.add_argument("--out", default=None, metavar="DIR",
