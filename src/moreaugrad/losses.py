@@ -30,9 +30,12 @@ def _check_batch(name: str, output: Tensor, target: Tensor) -> None:
 
 
 def _check_labels(name: str, target: Tensor, classes: int) -> None:
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
-        raise ValueError(f"{name}: class indices must lie in [0, {classes}), got "
-                         f"range [{int(target.min())}, {int(target.max())}]")
+    """Class indices in ``[0, classes)``, read with one host sync (both ends in one transfer)."""
+    if not target.numel():
+        return
+    lo, hi = torch.stack(torch.aminmax(target)).tolist()
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"{name}: class indices must lie in [0, {classes}), got range [{lo}, {hi}]")
 
 
 @dataclass(frozen=True)
