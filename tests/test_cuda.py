@@ -32,7 +32,7 @@ F64_TOL = 1e-9
 # it stops at a relative tolerance, so two devices' iterates differ by about that times the
 # problem's condition. On an H100 (2026-11-27): 2e-8 to 4e-6 for regularized TP and AL; 7e-4 for
 # plain TP at kappa = 1e3, whose least squares has no proximal term (test_precision.KNOWN, _TP).
-GENERIC_F64_TOL = {"target_prop": 1e-2, "regularized_target_prop": 1e-4, "augmented_lagrangian": 1e-4}
+GENERIC_F64_TOL = {"target_prop": 5e-3, "regularized_target_prop": 1e-4, "augmented_lagrangian": 1e-4}
 
 
 @pytest.fixture(autouse=True)

@@ -119,6 +119,9 @@ def test_squared_loss_integer_labels_out_of_range():
         mg.losses.SquaredLoss()(z, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match=r"SquaredLoss: class indices must lie in \[0, 3\)"):
         mg.losses.SquaredLoss()(z, torch.tensor([-1, 0]))
+    # Boolean labels are class indices 0 and 1, and read as such in the message.
+    with pytest.raises(ValueError, match=re.escape("in [0, 1), got range [0, 1]")):
+        mg.losses.SquaredLoss()(z[:, :1], torch.tensor([False, True]))
 
 
 def test_cross_entropy_float_targets():
@@ -165,6 +168,19 @@ def test_non_finite_loss():
     with pytest.raises(mg.NonFiniteError, match="loss is not finite"):
         oracle.backward(case.x, case.y)
     assert all(p.grad is None for p in case.model.parameters())
+
+
+def test_non_finite_loss_comes_before_an_underflowing_direction():
+    """A float16 model whose directions underflow and whose loss is infinite (an indicator term):
+    the loss is the error reported, as before the directions are cast."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).half()
+    oracle = mg.Oracle(model, lambda z, y: (z.float() * 1e-12).sum() + float("inf"), mg.rules.backprop())
+    with pytest.raises(mg.NonFiniteError, match=re.escape("the loss is not finite (inf)")):
+        oracle(torch.randn(5, 4).half(), None)
+    finite = mg.Oracle(model, lambda z, y: (z.float() * 1e-12).sum(), mg.rules.backprop())
+    with pytest.raises(mg.UnderflowError, match="underflows to 0 in torch.float16"):
+        finite(torch.randn(5, 4).half(), None)
 
 
 def test_non_finite_objective_signal_names_the_stage():

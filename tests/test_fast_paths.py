@@ -118,6 +118,9 @@ def test_strided_convolutions_keep_the_patches_gram():
                        (nn.Conv2d(2, 3, 3, dilation=2, padding=2), False)):
         rows = _Rows(x, m, m(x).shape)
         assert rows.shifted == shifted
+        # Off the CPU every convolution takes the patches (conv_gram's small products are
+        # launch-bound on a GPU); the meta device stands in for one here.
+        assert not _Rows(x.to("meta"), m, m(x).shape).shifted
         A = dense_rows(m, x)
         torch.testing.assert_close(rows.gram(), A.T @ A, rtol=1e-12, atol=1e-12)
         assert _by_layer(rows, 1, 1) != _by_layer(rows, 1000, 1000)  # few cheap steps: the layer

@@ -33,7 +33,7 @@ def _check_labels(name: str, target: Tensor, classes: int) -> None:
     """Class indices in ``[0, classes)``, read with one host sync (both ends in one transfer)."""
     if not target.numel():
         return
-    lo, hi = torch.stack(torch.aminmax(target)).tolist()
+    lo, hi = map(int, torch.stack(torch.aminmax(target)).tolist())  # bool labels read as 0/1
     if lo < 0 or hi >= classes:
         raise ValueError(f"{name}: class indices must lie in [0, {classes}), got range [{lo}, {hi}]")
 

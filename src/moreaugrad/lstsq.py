@@ -13,10 +13,11 @@ c = 1/tau_theta`` with ``r = tau lambda``; the augmented-Lagrangian weight step 
 ``delta`` (target propagation's approximate inverse, 000 eq. 40).
 
 Exact solves use the Gram matrix of the layer input for ``Linear`` and ``Conv2d`` weights (one
-batched solve whose size is independent of the batch, 004 eq. 44; a stride-1 convolution's from
-shifted products of its input, :func:`conv_gram`, without unfolding it) and ``W^T W`` for ``Linear``
-inputs; :class:`CG` runs ``k`` matrix-free steps on ``kappa J^T J + c I`` for any stage, with
-``J^T`` from the recorded graph and ``J`` by eager forward-mode AD. For a stage that is not linear in the
+batched solve whose size is independent of the batch, 004 eq. 44; on the CPU a stride-1
+convolution's from shifted products of its input, :func:`conv_gram`, without unfolding it, else
+from its unfolded patches in blocks of samples) and ``W^T W`` for ``Linear`` inputs; :class:`CG`
+runs ``k`` matrix-free steps on ``kappa J^T J + c I`` for any stage, with ``J^T`` from the recorded
+graph and ``J`` by eager forward-mode AD. For a stage that is not linear in the
 variable this is the Gauss-Newton (linearised) step.
 """
 
@@ -277,14 +278,16 @@ class _Rows:
 
     def _patches_gram(self) -> tuple[Tensor, Tensor]:
         """``a^T a`` and ``a^T 1`` from the unfolded patches, one GEMM per block of samples: a
-        block's patches ``(b, C k k, L)`` are laid out ``(C k k, b L)`` (a copy), and a block holds
-        at most :data:`PATCH_BLOCK` times as many entries as the layer input, so a stride-1 kernel's
+        block's patches ``(b, C k k, L)`` are laid out ``(C k k, b L)`` (a copy, so two blocks'
+        worth are live at once), and a block of more than one sample holds at most
+        :data:`PATCH_BLOCK` times as many entries as the layer input, so a stride-1 kernel's
         patches (``k k`` times the input) never exist whole: on an H100 the 004 ConvNet's exact
-        ProxProp peaked at 4.5x plain's memory with them whole. Smaller blocks cost time on the
-        CPU (a 3x3 stride-2 layer of All-CNN-C: 24 ms whole, 33 ms in blocks of the input's size)."""
+        ProxProp peaked at 4.5x plain's memory with them whole, 1.6x in blocks. Smaller blocks
+        cost time on the CPU (a 3x3 stride-2 layer of All-CNN-C: 24 ms whole, 33 ms in blocks of
+        the input's size)."""
         m, x = self.module, self.x
         K, L = self.weight_shape[1:].numel(), self.out_shape[2:].numel()
-        rows = max(1, PATCH_BLOCK * x[0].numel() * x.shape[0] // max(1, K * L))
+        rows = max(1, PATCH_BLOCK * x.numel() // max(1, K * L))
         g, s = x.new_zeros(K, K), x.new_zeros(K)
         for xb in x.split(rows):
             p = F.unfold(xb, m.kernel_size, m.dilation, m.padding, m.stride)

@@ -255,9 +255,13 @@ class Oracle:
         for site in tape.sites:
             if site.regularizer is not None:
                 loss = loss + sum(site.regularizer(w.detach()) for w in site.w.values())
-        directions = [None if u is None else _in_param_dtypes(stage, u.direction)
-                      for stage, u in zip(self.chain.stages, out.directions, strict=True)]
         with _objective_named(fuse_objective, tape, self.objective, y):
+            try:
+                directions = [None if u is None else _in_param_dtypes(stage, u.direction)
+                              for stage, u in zip(self.chain.stages, out.directions, strict=True)]
+            except UnderflowError:  # a non-finite loss is the first error to report
+                _check_loss(loss)
+                raise
             _check_finite(loss, directions)
         self._warn_inexact(out.info, tape.sites)
         # signal_0, like every signal, was checked for finiteness by the sweep.
@@ -407,6 +411,11 @@ def _objective_named(fused: bool, tape: Any, h: Any, y: Any) -> Iterator[None]:
 SMALL_DIRECTION = 4096  # entries: below this a direction is concatenated for the finiteness check
 
 
+def _check_loss(loss: Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"Oracle: the loss is not finite ({loss.item()})")
+
+
 def _check_finite(loss: Tensor, directions: list[Weights | None]) -> None:
     """Raise :class:`NonFiniteError` for a non-finite loss, else for the first non-finite direction."""
     flat = [(t, n, d) for t, ds in enumerate(directions) if ds for n, d in ds.items()]
@@ -414,13 +423,14 @@ def _check_finite(loss: Tensor, directions: list[Weights | None]) -> None:
     # loss, a sum per large direction and one sum over the small ones concatenated (a control
     # chain's hundred rows: one reduction, not a hundred).
     small = [d.reshape(-1) for _, _, d in flat if d.numel() <= SMALL_DIRECTION]
-    sums = [loss.detach().reshape(())] + [d.sum() for _, _, d in flat if d.numel() > SMALL_DIRECTION]
+    sums = [d.sum() for _, _, d in flat if d.numel() > SMALL_DIRECTION]
     if small:
         sums.append(torch.cat(small).sum() if len(small) > 1 else small[0].sum())
+    # The loss joins the directions' device (an objective may return it on another).
+    sums.insert(0, loss.detach().reshape(()).to(sums[0].device) if sums else loss.detach().reshape(()))
     if torch.isfinite(torch.stack(sums) if len(sums) > 1 else sums[0]).all():
         return
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"Oracle: the loss is not finite ({loss.item()})")
+    _check_loss(loss)
     for t, n, d in flat:
         if not torch.isfinite(d).all():
             raise NonFiniteError(f"Oracle: the direction of stage {t + 1}, parameter {n!r}, is not "
