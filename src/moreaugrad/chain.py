@@ -139,7 +139,8 @@ def _output(module: nn.Module, out: object) -> Tensor:
 
 def _mixed(module: nn.Module, x: Tensor) -> bool:
     """Whether the module's first parameter is in another floating dtype than ``x``."""
-    p = next(module.parameters(), None)
+    own = module._parameters.values() if not module._modules else module.parameters()  # hot path
+    p = next((p for p in own if p is not None), None)
     return p is not None and _other_dtype(p, x)
 
 
