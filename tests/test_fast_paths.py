@@ -71,54 +71,43 @@ def rows_of(m: nn.Module, r: torch.Tensor) -> torch.Tensor:
     return r.flatten(2).transpose(1, 2).reshape(-1, r.shape[1]) if isinstance(m, nn.Conv2d) else r
 
 
-SHIFTED_GRAMS = ["_gram_by_rows", "_gram_by_shift"]
-
-
-@pytest.mark.parametrize("order", SHIFTED_GRAMS)
 @pytest.mark.parametrize("shape,kernel,padding", [
     ((3, 2, 6, 7), (3, 3), (1, 1)), ((2, 3, 5, 5), (2, 3), (0, 1)), ((4, 1, 4, 6), (1, 1), (0, 0)),
     ((2, 2, 7, 5), (3, 2), (2, 0)), ((2, 2, 3, 3), (3, 3), (0, 0)), ((1, 3, 8, 8), (5, 5), (2, 2)),
-    ((2, 4, 2, 9), (1, 4), (3, 0)), ((2, 10, 6, 5), (3, 3), (1, 1))])
-def test_shifted_gram_equals_the_patches_gram(shape, kernel, padding, order):
-    """A stride-1 convolution's Gram matrix from shifted products of its input, in either order,
-    equals ``a^T a`` and ``a^T 1`` of the unfolded patches to 1e-12 in float64: square and
-    rectangular kernels, no, equal and unequal padding (wider than the kernel's reach too), 1x1,
-    kernel the image size, few channels and more than SHIFT_CHANNELS."""
-    from moreaugrad import lstsq
+    ((2, 4, 2, 9), (1, 4), (3, 0)), ((2, 10, 6, 5), (3, 3), (1, 1)), ((3, 6, 9, 7), (5, 5), (2, 1)),
+    ((2, 3, 4, 5), (3, 3), (0, 0)), ((2, 7, 3, 3), (3, 3), (0, 0))])
+def test_shifted_gram_equals_the_patches_gram(shape, kernel, padding):
+    """A stride-1 convolution's Gram matrix from shifted products of its input equals ``a^T a``
+    and ``a^T 1`` of the unfolded patches to 1e-12 in float64: square and rectangular kernels,
+    no, equal and unequal padding (wider than the kernel's reach too), 1x1, kernel the image size,
+    windows without a common core row (``Ho = kh - 1``) and maps too small for the row form."""
+    from moreaugrad.lstsq import conv_gram
 
     torch.manual_seed(0)
     x = torch.randn(shape)
     a = F.unfold(x, kernel, 1, padding, 1).transpose(1, 2).reshape(-1, shape[1] * kernel[0] * kernel[1])
-    g = getattr(lstsq, order)(x, kernel, padding)
+    g, s = conv_gram(x, kernel, padding)
     torch.testing.assert_close(g, a.T @ a, rtol=0, atol=1e-12 * float((a.T @ a).abs().max()))
+    torch.testing.assert_close(s, a.sum(0), rtol=0, atol=1e-12 * float(a.abs().sum(0).max()))
     # Symmetric to rounding (a diagonal block's own product need not be bit-symmetric); the solves
     # read one triangle.
     torch.testing.assert_close(g, g.T, rtol=0, atol=1e-14 * float(g.abs().max()))
-    g_auto, s = lstsq.conv_gram(x, kernel, padding)  # the order conv_gram picks by channels
-    assert torch.equal(g_auto, getattr(lstsq, SHIFTED_GRAMS[shape[1] <= lstsq.SHIFT_CHANNELS])(
-        x, kernel, padding))
-    torch.testing.assert_close(s, a.sum(0), rtol=0, atol=1e-12 * float(a.abs().sum(0).max()))
 
 
-@pytest.mark.parametrize("order", SHIFTED_GRAMS)
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
-def test_shifted_gram_in_float32_is_as_accurate_as_the_patches_gram(scale, order):
-    """In float32 the shifted Gram matrix, in either order, is within float32 rounding of the
-    float64 one, at small and large inputs (its window sums are kept in float64): no worse than the
-    patches' GEMM."""
-    from moreaugrad import lstsq
+def test_shifted_gram_in_float32_is_as_accurate_as_the_patches_gram(scale):
+    """In float32 the shifted Gram matrix is within float32 rounding of the float64 one, at small
+    and large inputs (its window sums are kept in float64): no worse than the patches' GEMM."""
+    from moreaugrad.lstsq import conv_gram
 
     torch.manual_seed(0)
     x = scale * torch.relu(torch.randn(16, 4, 12, 12))
-    gram = getattr(lstsq, order)
-    want = gram(x, (5, 5), (2, 2))
-    got = gram(x.float(), (5, 5), (2, 2))
+    want, want_s = conv_gram(x, (5, 5), (2, 2))
+    got, got_s = conv_gram(x.float(), (5, 5), (2, 2))
     a = F.unfold(x.float(), (5, 5), 1, (2, 2), 1).transpose(1, 2).reshape(-1, 100)
     gemm = float(((a.T @ a).double() - want).abs().max())
     err = float((got.double() - want).abs().max())
     assert err <= max(gemm, 1e-6 * float(want.abs().max()))
-    _, want_s = lstsq.conv_gram(x, (5, 5), (2, 2))
-    _, got_s = lstsq.conv_gram(x.float(), (5, 5), (2, 2))
     torch.testing.assert_close(got_s.double(), want_s, rtol=1e-6, atol=0)
 
 

@@ -256,8 +256,9 @@ class _Rows:
     def shifted(self) -> bool:
         """A convolution of stride and dilation 1 on the CPU, whose Gram matrix :func:`conv_gram`
         forms from shifted products of the input instead of unfolded patches. On a GPU its loop of
-        small products is bound by kernel launches: on an H100 (torch 2.11, float32) it took 53 ms
-        for each of the 004 ConvNet's layers, against 1.3-1.5 ms for the patches' GEMM."""
+        small products is bound by kernel launches: on an H100 (torch 2.11, float32) its earlier
+        form took 53 ms for each of the 004 ConvNet's layers, against 1.3-1.5 ms for the patches'
+        GEMM."""
         return (self.conv and self.x.dim() == 4 and self.x.device.type == "cpu"
                 and self.module.stride == (1, 1) and self.module.dilation == (1, 1))
 
@@ -343,29 +344,29 @@ class _Rows:
         return out
 
 
-SHIFT_CHANNELS = 8
-"""Up to this many input channels :func:`conv_gram` takes one product per shift (few channels make
-the per-row-start products too thin to run at speed), above it one per shift and row start."""
-
-
 def conv_gram(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """The Gram matrix ``a^T a`` of a stride-1 convolution's patches ``a`` (``N x C kh kw``, rows
     in ``F.unfold``'s order) and their column sums ``a^T 1``, without forming the patches.
 
     Entry ``((c, i, j), (c', i', j'))`` sums ``x_pad[b, c, p + i, q + j] x_pad[b, c', p + i', q + j']``
     over the samples and the ``Ho x Wo`` output positions: a window sum, starting at ``(i, j)``, of
-    products of the input with itself shifted by ``(i' - i, j' - j)``. Symmetry halves the shifts,
-    and the window sums are differences of prefix sums kept in float64. Two orders of the same sums
-    (:func:`_gram_by_shift` up to :data:`SHIFT_CHANNELS` channels, else :func:`_gram_by_rows`),
-    both with 3-5x fewer multiply-adds than the patches' GEMM for 5x5 kernels, about 3x for 3x3,
-    and no copy of the patches. In float32 they are also the more accurate: their float32 sums run
-    over the samples (and rows), not over all ``N`` rows of the patches.
+    products of the input with itself shifted by ``(i' - i, j' - j)``. :func:`_gram_by_rows` forms
+    them with several times fewer multiply-adds than the patches' GEMM and no copy of the patches;
+    in float32 it is also the more accurate, its float32 sums running over the samples and rows,
+    not over all ``N`` rows of the patches. A map smaller than the kernel's reach (``Ho < kh - 1``)
+    takes the patches themselves, which are then small.
 
-    On this project's 2-core CPU (float32, batch 128): the 004 ConvNet's 3-channel first layer
-    13.4 ms by rows, 5.0 ms by shift; its 16- and 20-channel layers 24 and 17 ms by rows, 34 and
-    21 ms by shift.
+    On this project's 2-core CPU (float32, 5x5 kernels, batch 128), the 004 ConvNet's layers of 3,
+    16 and 20 channels: 4.4-4.8, 15-17 and 12-13 ms, against 11-13, 24 and 16 ms for one product
+    per shift and row start (this function before).
     """
-    g = (_gram_by_shift if x.shape[1] <= SHIFT_CHANNELS else _gram_by_rows)(x, kernel, padding)
+    kh = kernel[0]
+    if x.shape[2] + 2 * padding[0] - kh + 1 >= kh - 1:
+        g = _gram_by_rows(x, kernel, padding)
+    else:
+        a = F.unfold(x, kernel, padding=padding)
+        a = a.transpose(0, 1).reshape(a.shape[1], -1)
+        g = a @ a.T
     return g, _window_sums(x, kernel, padding)
 
 
@@ -374,55 +375,26 @@ def _accumulator(x: Tensor) -> torch.dtype:
 
 
 def _gram_by_rows(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) -> Tensor:
-    """:func:`conv_gram`'s ``a^T a``, one batched product per shift and row start: it contracts the
-    samples and the window's rows together (a contiguous range in the layout ``(column, channel,
-    row * sample)``), batched over the columns, and the column windows are differences of a prefix
-    sum over the columns. ``kh (kh + 1)/2 (2 kw - 1)`` products of ``Wp C^2 Ho B`` multiply-adds."""
+    """:func:`conv_gram`'s ``a^T a`` by row windows: for a shift ``(di, dj)`` the row windows
+    ``[i, i + Ho)``, ``i < kh - di``, share the core ``[e, Ho)``, ``e = kh - di - 1``. One product
+    contracts the core's rows and the samples together (a contiguous range in the layout
+    ``(column, channel, row * sample)``), batched over the columns; the ``2 e`` edge rows are
+    products per position (both factors contiguous ranges of the layout ``(row * column, channel,
+    sample)`` with zero margin columns, where a shift is an offset), added to each window by their
+    prefix sums; the column windows are differences of a prefix sum over the columns, all ``(dj, i, j)``
+    of a row shift at once. About ``kh (2 kw - 1)`` products of ``Wp C^2 Hp B`` multiply-adds, most
+    of them long ones. Needs ``Ho >= kh - 1`` (a window's edges do not overlap): :func:`conv_gram`
+    checks."""
     B, C, H, W = x.shape
     kh, kw = kernel
     ph, pw = padding
     Hp, Wp = H + 2 * ph, W + 2 * pw
     Ho, Wo = Hp - kh + 1, Wp - kw + 1
     ew = kw - 1  # a margin of zero columns, so that every column shift stays inside
-    cols = F.pad(x, (pw + ew, pw + ew, ph, ph)).permute(3, 1, 2, 0).contiguous().view(Wp + 2 * ew, C, Hp * B)
-    base = cols[ew:ew + Wp]
-    K = C * kh * kw
-    G = x.new_zeros(K, K)
-    channel = torch.arange(C, device=x.device) * (kh * kw)
-    acc = _accumulator(x)
-    for di in range(kh):
-        for i in range(kh - di):  # the window's first row, for the left factor; di + i for the right
-            left = base[:, :, i * B:(i + Ho) * B]
-            for dj in range(-(kw - 1) if di else 0, kw):
-                right = cols[ew + dj:ew + dj + Wp, :, (i + di) * B:(i + di + Ho) * B]
-                per_column = torch.bmm(left, right.transpose(1, 2))  # (Wp, C, C)
-                prefix = F.pad(per_column.to(acc).cumsum(0), (0, 0, 0, 0, 1, 0))
-                j = torch.arange(max(0, -dj), min(kw, kw - dj), device=x.device)
-                block = (prefix[j + Wo] - prefix[j]).to(x.dtype)  # (columns j, C, C)
-                here = (i * kw + j)[:, None, None] + channel[:, None]
-                there = ((i + di) * kw + j + dj)[:, None, None] + channel[None, :]
-                G.index_put_((here, there), block)
-                if di or dj:
-                    G.index_put_((there.transpose(1, 2), here.transpose(1, 2)), block.transpose(1, 2))
-    return G
-
-
-def _gram_by_shift(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) -> Tensor:
-    """:func:`conv_gram`'s ``a^T a``, one batched product per shift ``(di, dj)`` over every position
-    of the padded input, contracting only the samples: ``M[P, Q] = sum_b x[b, :, P, Q] x[b, :, P + di,
-    Q + dj]^T``. In the layout ``(row * column, channel, sample)`` with zero margin columns, a shift
-    is an offset, so both factors are contiguous ranges. Every window ``[i, i + Ho) x [j, j + Wo)``
-    is then a difference of a 2-D prefix sum of ``M``, all ``(dj, i, j)`` of a row shift at once.
-    ``kh (2 kw - 1)`` products of about ``Hp Wp C^2 B`` multiply-adds: fewer than by rows, in
-    thinner products, which pays with few channels."""
-    B, C, H, W = x.shape
-    kh, kw = kernel
-    ph, pw = padding
-    Hp, Wp = H + 2 * ph, W + 2 * pw
-    Ho, Wo = Hp - kh + 1, Wp - kw + 1
-    ew = kw - 1  # zero margin columns: a column shift never wraps into the next row
     Wr = Wp + 2 * ew
-    flat = F.pad(x, (pw + ew, pw + ew, ph, ph)).permute(2, 3, 1, 0).contiguous().view(Hp * Wr, C, B)
+    padded = F.pad(x, (pw + ew, pw + ew, ph, ph))
+    cols = padded.permute(3, 1, 2, 0).contiguous().view(Wr, C, Hp * B)
+    flat = padded.permute(2, 3, 1, 0).contiguous().view(Hp * Wr, C, B)
     K = C * kh * kw
     G = x.new_zeros(K, K)
     dev = x.device
@@ -430,24 +402,32 @@ def _gram_by_shift(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int])
     acc = _accumulator(x)
     j = torch.arange(kw, device=dev)[None, None, :]
     for di in range(kh):
-        rows = Hp - di
-        n = (rows - 1) * Wr + Wp  # positions (P < rows, Q < Wp), with the margins between rows
-        left = flat[ew:ew + n]
+        e = kh - di - 1
         shifts = list(range(-(kw - 1) if di else 0, kw))
-        M = x.new_zeros(len(shifts), rows * Wr, C, C)
+        core = x.new_empty(len(shifts), Wp, C, C)
+        n = max(0, (e - 1) * Wr + Wp)  # the edge rows' positions, margins between rows included
+        lo, up = x.new_empty(2, len(shifts), e * Wr, C, C)  # positions past n are margins: unread
         for k, dj in enumerate(shifts):
-            start = ew + di * Wr + dj
-            torch.bmm(left, flat[start:start + n].transpose(1, 2), out=M[k, :n])
-        M = M.view(len(shifts), rows, Wr, C, C)[:, :, :Wp]
-        S = F.pad(M.to(acc).cumsum(1).cumsum(2), (0, 0, 0, 0, 1, 0, 1, 0))  # (shifts, rows+1, Wp+1, C, C)
+            torch.bmm(cols[ew:ew + Wp, :, e * B:Ho * B],
+                      cols[ew + dj:ew + dj + Wp, :, (e + di) * B:(Ho + di) * B].transpose(1, 2), out=core[k])
+            for out, first in ((lo, 0), (up, Ho)) if e else ():
+                a, b = ew + first * Wr, ew + (first + di) * Wr + dj
+                torch.bmm(flat[a:a + n], flat[b:b + n].transpose(1, 2), out=out[k, :n])
+        rows = core.to(acc)[:, None].expand(len(shifts), e + 1, Wp, C, C)  # window i: the core ...
+        if e:
+            zero = x.new_zeros(len(shifts), 1, Wp, C, C, dtype=acc)
+            lower = lo.view(len(shifts), e, Wr, C, C)[:, :, :Wp].flip(1).cumsum(1, dtype=acc).flip(1)
+            upper = up.view(len(shifts), e, Wr, C, C)[:, :, :Wp].cumsum(1, dtype=acc)
+            # ... and the rows [i, e) and [Ho, Ho + i)
+            rows = rows + torch.cat([lower, zero], 1) + torch.cat([zero, upper], 1)
+        prefix = F.pad(rows.cumsum(2), (0, 0, 0, 0, 1, 0))  # (shifts, windows, Wp + 1, C, C)
         k = torch.arange(len(shifts), device=dev)[:, None, None]
         d = torch.tensor(shifts, device=dev)[:, None, None]
-        i = torch.arange(kh - di, device=dev)[None, :, None]
+        i = torch.arange(e + 1, device=dev)[None, :, None]
         # (dj, i, j) with the right factor's column j + dj inside the kernel; at di = 0 the shifts
         # dj > 0 also give the mirrored blocks, dj = 0 is its own mirror.
-        valid = ((j + d >= 0) & (j + d < kw)).expand(len(shifts), kh - di, kw)
-        window = S[k, i + Ho, j + Wo] - S[k, i, j + Wo] - S[k, i + Ho, j] + S[k, i, j]
-        block = window[valid].to(x.dtype)  # (V, C, C)
+        valid = ((j + d >= 0) & (j + d < kw)).expand(len(shifts), e + 1, kw)
+        block = (prefix[k, i, j + Wo] - prefix[k, i, j])[valid].to(x.dtype)  # (V, C, C)
         here = (i * kw + j).expand_as(valid)[valid][:, None, None] + channel[:, None]
         there = ((i + di) * kw + j + d).expand_as(valid)[valid][:, None, None] + channel[None, :]
         G.index_put_((here, there), block)
