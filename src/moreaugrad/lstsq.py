@@ -413,13 +413,12 @@ def _gram_by_rows(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) 
             for out, first in ((lo, 0), (up, Ho)) if e else ():
                 a, b = ew + first * Wr, ew + (first + di) * Wr + dj
                 torch.bmm(flat[a:a + n], flat[b:b + n].transpose(1, 2), out=out[k, :n])
-        rows = core.to(acc)[:, None].expand(len(shifts), e + 1, Wp, C, C)  # window i: the core ...
+        rows = x.new_empty(len(shifts), e + 1, Wp, C, C, dtype=acc)
+        rows.copy_(core[:, None])  # window i: the core, and the rows [i, e) and [Ho, Ho + i)
         if e:
-            zero = x.new_zeros(len(shifts), 1, Wp, C, C, dtype=acc)
-            lower = lo.view(len(shifts), e, Wr, C, C)[:, :, :Wp].flip(1).cumsum(1, dtype=acc).flip(1)
-            upper = up.view(len(shifts), e, Wr, C, C)[:, :, :Wp].cumsum(1, dtype=acc)
-            # ... and the rows [i, e) and [Ho, Ho + i)
-            rows = rows + torch.cat([lower, zero], 1) + torch.cat([zero, upper], 1)
+            lower = lo.view(len(shifts), e, Wr, C, C)[:, :, :Wp].cumsum(1, dtype=acc)
+            rows[:, :e] += lower[:, -1:] - lower + lo.view(len(shifts), e, Wr, C, C)[:, :, :Wp]
+            rows[:, 1:] += up.view(len(shifts), e, Wr, C, C)[:, :, :Wp].cumsum(1, dtype=acc)
         prefix = F.pad(rows.cumsum(2), (0, 0, 0, 0, 1, 0))  # (shifts, windows, Wp + 1, C, C)
         k = torch.arange(len(shifts), device=dev)[:, None, None]
         d = torch.tensor(shifts, device=dev)[:, None, None]
