@@ -94,6 +94,19 @@ def test_shifted_gram_equals_the_patches_gram(shape, kernel, padding):
     torch.testing.assert_close(g, g.T, rtol=0, atol=1e-14 * float(g.abs().max()))
 
 
+def test_shifted_gram_in_groups_of_shifts_equals_all_at_once(monkeypatch):
+    """The column shifts are taken in groups that bound the temporaries; each shift's sums are its
+    own, so one shift at a time gives the same matrix bit for bit."""
+    from moreaugrad import lstsq
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 9, 7)
+    monkeypatch.setattr(lstsq, "GRAM_BUDGET", 10_000)  # every shift of a row shift at once
+    whole = lstsq.conv_gram(x, (5, 3), (2, 1))[0]
+    monkeypatch.setattr(lstsq, "GRAM_BUDGET", 0)  # groups of one shift
+    assert torch.equal(lstsq.conv_gram(x, (5, 3), (2, 1))[0], whole)
+
+
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
 def test_shifted_gram_in_float32_is_as_accurate_as_the_patches_gram(scale):
     """In float32 the shifted Gram matrix is within float32 rounding of the float64 one, at small
