@@ -94,6 +94,26 @@ def test_shifted_gram_equals_the_patches_gram(shape, kernel, padding):
     torch.testing.assert_close(g, g.T, rtol=0, atol=1e-14 * float(g.abs().max()))
 
 
+def test_shifted_gram_over_a_grid_of_shapes():
+    """Every combination of small maps, kernels (taller and wider than the map's reach, 1-wide) and
+    paddings: the Gram matrix and column sums equal the patches' to 1e-12 in float64."""
+    import itertools
+
+    from moreaugrad.lstsq import conv_gram
+
+    torch.manual_seed(0)
+    for C, H, W, kh, kw, ph, pw in itertools.product([1, 5], [3, 6], [2, 5], [1, 2, 3, 5], [1, 3, 4],
+                                                     [0, 3], [0, 2]):
+        if H + 2 * ph < kh or W + 2 * pw < kw:
+            continue
+        x = torch.randn(2, C, H, W)
+        a = F.unfold(x, (kh, kw), 1, (ph, pw), 1).transpose(1, 2).reshape(-1, C * kh * kw)
+        g, s = conv_gram(x, (kh, kw), (ph, pw))
+        want = a.T @ a
+        assert float((g - want).abs().max()) <= 1e-12 * float(want.abs().max()), (C, H, W, kh, kw, ph, pw)
+        assert float((s - a.sum(0)).abs().max()) <= 1e-12 * (1 + float(a.abs().sum(0).max()))
+
+
 def test_shifted_gram_in_groups_of_shifts_equals_all_at_once(monkeypatch):
     """The column shifts are taken in groups that bound the temporaries; each shift's sums are its
     own, so one shift at a time gives the same matrix bit for bit."""
