@@ -114,6 +114,23 @@ def test_shifted_gram_over_a_grid_of_shapes():
         assert float((s - a.sum(0)).abs().max()) <= 1e-12 * (1 + float(a.abs().sum(0).max()))
 
 
+@pytest.mark.parametrize("case", ["channels_last", "transposed", "strided", "empty batch", "requires grad"])
+def test_shifted_gram_of_unusual_inputs(case):
+    """Non-contiguous layouts, an empty batch (a data-parallel rank's shard can be empty) and an
+    input that requires grad (no graph is recorded): the same Gram matrix as the patches'."""
+    from moreaugrad.lstsq import conv_gram
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 9, 8)
+    x = {"channels_last": x.to(memory_format=torch.channels_last), "transposed": x.transpose(2, 3),
+         "strided": x[:, :, ::2], "empty batch": x[:0], "requires grad": x.requires_grad_()}[case]
+    a = F.unfold(x.detach(), (5, 3), 1, (2, 1), 1).transpose(1, 2).reshape(-1, 4 * 15)
+    g, s = conv_gram(x, (5, 3), (2, 1))
+    assert not g.requires_grad
+    torch.testing.assert_close(g, a.T @ a, rtol=0, atol=1e-12 * (1 + float((a.T @ a).abs().max())))
+    torch.testing.assert_close(s, a.sum(0), rtol=0, atol=1e-12 * (1 + float(a.abs().sum(0).max())))
+
+
 def test_shifted_gram_in_groups_of_shifts_equals_all_at_once(monkeypatch):
     """The column shifts are taken in groups that bound the temporaries; each shift's sums are its
     own, so one shift at a time gives the same matrix bit for bit."""
@@ -124,6 +141,8 @@ def test_shifted_gram_in_groups_of_shifts_equals_all_at_once(monkeypatch):
     monkeypatch.setattr(lstsq, "GRAM_BUDGET", 10_000)  # every shift of a row shift at once
     whole = lstsq.conv_gram(x, (5, 3), (2, 1))[0]
     monkeypatch.setattr(lstsq, "GRAM_BUDGET", 0)  # groups of one shift
+    assert torch.equal(lstsq.conv_gram(x, (5, 3), (2, 1))[0], whole)
+    monkeypatch.setattr(lstsq, "GRAM_BUDGET", 0.5)  # a fraction of the input's size
     assert torch.equal(lstsq.conv_gram(x, (5, 3), (2, 1))[0], whole)
 
 

@@ -195,6 +195,30 @@ PATCH_BLOCK = 4
 """The most entries of unfolded patches formed at once, in multiples of the layer input's."""
 
 
+Pair = tuple[int, int]
+
+
+def patches_gram(x: Tensor, kernel: Pair, padding: Pair, stride: Pair = (1, 1),
+                 dilation: Pair = (1, 1)) -> tuple[Tensor, Tensor]:
+    """``a^T a`` and ``a^T 1`` of a convolution's unfolded patches ``a``, one GEMM per block of
+    samples: a block's patches ``(b, C k k, L)`` are laid out ``(C k k, b L)`` (a copy, so two
+    blocks' worth are live at once), and a block of more than one sample holds at most
+    :data:`PATCH_BLOCK` times as many entries as the input, so a stride-1 kernel's patches (``k k``
+    times the input) never exist whole: on an H100 the 004 ConvNet's exact ProxProp peaked at 4.5x
+    plain's memory with them whole, 1.6x in blocks. Smaller blocks cost time on the CPU (a 3x3
+    stride-2 layer of All-CNN-C: 24 ms whole, 33 ms in blocks of the input's size)."""
+    p0 = F.unfold(x[:1], kernel, dilation, padding, stride)  # (1, K, L): the patches' shape
+    K, L = p0.shape[1], p0.shape[2]
+    rows = max(1, PATCH_BLOCK * x.numel() // max(1, K * L))
+    g, s = x.new_zeros(K, K), x.new_zeros(K)
+    for xb in x.split(rows):
+        p = F.unfold(xb, kernel, dilation, padding, stride)
+        p = p.transpose(0, 1).reshape(K, -1)
+        g.addmm_(p, p.T)
+        s += p.sum(1)
+    return g, s
+
+
 @dataclass(frozen=True)
 class _Rows:
     """A stage linear in ``w`` written as rows: ``phi(w, x)`` reshaped to ``(N, out)`` equals
@@ -278,24 +302,8 @@ class _Rows:
         return out
 
     def _patches_gram(self) -> tuple[Tensor, Tensor]:
-        """``a^T a`` and ``a^T 1`` from the unfolded patches, one GEMM per block of samples: a
-        block's patches ``(b, C k k, L)`` are laid out ``(C k k, b L)`` (a copy, so two blocks'
-        worth are live at once), and a block of more than one sample holds at most
-        :data:`PATCH_BLOCK` times as many entries as the layer input, so a stride-1 kernel's
-        patches (``k k`` times the input) never exist whole: on an H100 the 004 ConvNet's exact
-        ProxProp peaked at 4.5x plain's memory with them whole, 1.6x in blocks. Smaller blocks
-        cost time on the CPU (a 3x3 stride-2 layer of All-CNN-C: 24 ms whole, 33 ms in blocks of
-        the input's size)."""
-        m, x = self.module, self.x
-        K, L = self.weight_shape[1:].numel(), self.out_shape[2:].numel()
-        rows = max(1, PATCH_BLOCK * x.numel() // max(1, K * L))
-        g, s = x.new_zeros(K, K), x.new_zeros(K)
-        for xb in x.split(rows):
-            p = F.unfold(xb, m.kernel_size, m.dilation, m.padding, m.stride)
-            p = p.transpose(0, 1).reshape(K, -1)
-            g.addmm_(p, p.T)
-            s += p.sum(1)
-        return g, s
+        m = self.module
+        return patches_gram(self.x, m.kernel_size, m.padding, m.stride, m.dilation)
 
     def layer(self, v: Tensor) -> Tensor:
         """``A~ V^T`` shaped like ``x_t``: the layer with weights ``V`` (``out x k~``)."""
@@ -345,7 +353,7 @@ class _Rows:
 
 
 GRAM_BUDGET = 1
-"""The temporaries of :func:`conv_gram`'s window sums, at most, in multiples of the input's size.
+"""The temporaries of :func:`conv_gram`'s window sums, about, in multiples of the input's size.
 On the 004 ConvNet (CPU), exact ProxProp's peak memory is 1.52x plain with 1 and 1.61x with 2, at
 the same speed within this machine's noise."""
 
@@ -360,20 +368,17 @@ def conv_gram(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) -> t
     them with several times fewer multiply-adds than the patches' GEMM and no copy of the patches;
     in float32 it is also the more accurate, its float32 sums running over the samples and rows,
     not over all ``N`` rows of the patches. A map smaller than the kernel's reach (``Ho < kh - 1``)
-    takes the patches themselves, which are then small.
+    takes the patches themselves (:func:`patches_gram`). No graph is recorded.
 
     On this project's 2-core CPU (float32, 5x5 kernels, batch 128), the 004 ConvNet's layers of 3,
     16 and 20 channels: 4.4-4.8, 15-17 and 12-13 ms, against 11-13, 24 and 16 ms for one product
     per shift and row start (this function before).
     """
     kh = kernel[0]
-    if x.shape[2] + 2 * padding[0] - kh + 1 >= kh - 1:
-        g = _gram_by_rows(x, kernel, padding)
-    else:
-        a = F.unfold(x, kernel, padding=padding)
-        a = a.transpose(0, 1).reshape(a.shape[1], -1)
-        g = a @ a.T
-    return g, _window_sums(x, kernel, padding)
+    with torch.no_grad():
+        if x.shape[2] + 2 * padding[0] - kh + 1 >= kh - 1:
+            return _gram_by_rows(x, kernel, padding), _window_sums(x, kernel, padding)
+        return patches_gram(x, kernel, padding)
 
 
 def _accumulator(x: Tensor) -> torch.dtype:
@@ -429,6 +434,7 @@ def _gram_by_rows(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) 
         prefix = x.new_zeros(S, e + 1, Wp + 1, C, C, dtype=acc)
         rows = prefix[:, :, 1:]
         rows.copy_(core[:, None])
+        del core
         if e:  # in place, one edge-sized float64 temporary at a time
             low = lo.view(S, e, Wr, C, C)[:, :, :Wp]
             lower = low.cumsum(1, dtype=acc)  # rows [i, e) = all of them - rows [0, i] + row i
@@ -437,6 +443,7 @@ def _gram_by_rows(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) 
             rows[:, :e] += low
             del lower
             rows[:, 1:] += up.view(S, e, Wr, C, C)[:, :, :Wp].cumsum(1, dtype=acc)
+        del lo, up
         prefix.cumsum_(2)
         # (dj, i, j) with the right factor's column j + dj inside the kernel; at di = 0 the shifts
         # dj > 0 also give the mirrored blocks, dj = 0 is its own mirror.
@@ -453,9 +460,9 @@ def _gram_by_rows(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) 
                      block[mirror].transpose(1, 2))
 
     # Column shifts in groups whose window sums (in acc) and edge products take about the input's
-    # size at most.
+    # size (the counted buffers; the smaller ones beside them add up to about half as much again).
     per_shift = C * C * (kh * (Wp + 1) * torch.finfo(acc).bits // 8 + 2 * (kh - 1) * Wr * x.element_size())
-    group = max(1, GRAM_BUDGET * x.numel() * x.element_size() // per_shift)
+    group = max(1, int(GRAM_BUDGET * x.numel() * x.element_size() // max(1, per_shift)))
     for di in range(kh):
         shifts = list(range(-(kw - 1) if di else 0, kw))
         for g in range(0, len(shifts), group):
