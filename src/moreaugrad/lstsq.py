@@ -371,8 +371,8 @@ def conv_gram(x: Tensor, kernel: tuple[int, int], padding: tuple[int, int]) -> t
     takes the patches themselves (:func:`patches_gram`). No graph is recorded.
 
     On this project's 2-core CPU (float32, 5x5 kernels, batch 128), the 004 ConvNet's layers of 3,
-    16 and 20 channels: 4.4-4.8, 15-17 and 12-13 ms, against 11-13, 24 and 16 ms for one product
-    per shift and row start (this function before).
+    16 and 20 channels: 4-5, 12-17 and 8-13 ms (this VM's spread), against 11-13, 24 and 16 ms for
+    one product per shift and row start (this function before).
     """
     kh = kernel[0]
     with torch.no_grad():
