@@ -189,21 +189,21 @@ def test_patches_gram_in_blocks_equals_one_gemm(batch, conv):
     """The patches' Gram matrix (every convolution off the CPU, strided ones on it) is summed over
     blocks of samples, each about the input's size: equal to ``a^T a`` and ``a^T 1`` of all the
     patches at once to 1e-12 in float64, and in float32 within float32 rounding of it."""
-    from moreaugrad.lstsq import PATCH_BLOCK, _Rows
+    from moreaugrad.lstsq import PATCH_BLOCK, patches_gram
 
     torch.manual_seed(0)
     m = nn.Conv2d(3, 4, **conv)
     x = torch.relu(torch.randn(batch, 3, 9, 9, dtype=torch.float64))
-    rows = _Rows(x, m, m(x).shape)
     K = 3 * m.kernel_size[0] * m.kernel_size[1]
-    per_block = max(1, PATCH_BLOCK * x[0].numel() * batch // (K * rows.out_shape[2:].numel()))
+    per_block = max(1, PATCH_BLOCK * x[0].numel() * batch // (K * m(x).shape[2:].numel()))
     if conv["kernel_size"] == 5 and batch > 1:  # 25x the input: several blocks
         assert per_block < batch
     a = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2).reshape(-1, K)
-    g, s = rows._patches_gram()
+    args = m.kernel_size, m.padding, m.stride, m.dilation
+    g, s = patches_gram(x, *args)
     torch.testing.assert_close(g, a.T @ a, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s, a.sum(0), rtol=1e-12, atol=1e-12)
-    g32, s32 = _Rows(x.float(), m, rows.out_shape)._patches_gram()
+    g32, s32 = patches_gram(x.float(), *args)
     torch.testing.assert_close(g32.double(), g, rtol=1e-5, atol=1e-5 * float(g.abs().max()))
     torch.testing.assert_close(s32.double(), s, rtol=1e-5, atol=1e-5 * float(s.abs().max()))
 

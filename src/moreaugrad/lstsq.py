@@ -291,7 +291,8 @@ class _Rows:
         if self.shifted:
             g, s = conv_gram(self.x, self.module.kernel_size, self.module.padding)
         elif self.conv:
-            g, s = self._patches_gram()
+            m = self.module
+            g, s = patches_gram(self.x, m.kernel_size, m.padding, m.stride, m.dilation)
         else:
             g, s = self.x.T @ self.x, self.x.sum(0)
         if not self.bias:
@@ -300,10 +301,6 @@ class _Rows:
         out = g.new_empty(k + 1, k + 1)
         out[:k, :k], out[:k, k], out[k, :k], out[k, k] = g, s, s, self.n
         return out
-
-    def _patches_gram(self) -> tuple[Tensor, Tensor]:
-        m = self.module
-        return patches_gram(self.x, m.kernel_size, m.padding, m.stride, m.dilation)
 
     def layer(self, v: Tensor) -> Tensor:
         """``A~ V^T`` shaped like ``x_t``: the layer with weights ``V`` (``out x k~``)."""
