@@ -1,8 +1,10 @@
 """The generic inner solvers on problems with known minimisers."""
 
+import numpy as np
 import pytest
 import torch
 
+from moreaugrad import solvers
 from moreaugrad.solvers import CAP, FIXED, LBFGS, GradientDescent, QuasiNewton, goldstein
 
 SOLVERS = [GradientDescent(step=0.03, tol=1e-11, max_iter=30000), QuasiNewton(tol=1e-11, max_iter=300),
@@ -120,3 +122,88 @@ def test_fixed_steps_are_labelled_as_such_not_as_failures():
 def test_bad_solver_settings(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# -- one group on the CPU: per-group values as numpy scalars (solvers.Scalars) ----------------------
+
+def one_group_problems(dtype):
+    """Problems of one group (G = 1) that take each branch of the solvers' bookkeeping: unit steps
+    accepted, Goldstein doubling (a flat problem) and halving (a steep one), two tensors, a
+    warm start with a scale, non-convexity and a non-finite iterate."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(6, 4, generator=g, dtype=dtype)
+    b = torch.randn(6, generator=g, dtype=dtype)
+    c = torch.randn(3, 5, generator=g, dtype=dtype)
+
+    def smooth(z):  # log-cosh data + a proximal term
+        return (torch.log(torch.cosh(A @ z[0].reshape(-1) - b)).sum() + 0.5 * z[0].pow(2).sum()).reshape(1)
+
+    def flat(z):
+        return (1e-3 * z[0].pow(2).sum() - (b[:4] * z[0].reshape(-1)).sum()).reshape(1)
+
+    def steep(z):
+        return (50 * z[0].pow(2).sum() + z[0].pow(4).sum() - (b[:4] * z[0].reshape(-1)).sum()).reshape(1)
+
+    def two(z):
+        return (torch.log(torch.cosh(z[0] - c)).sum() + (z[1] ** 4).sum() - z[1].sum()
+                + 0.5 * (z[0].pow(2).sum() + z[1].pow(2).sum())).reshape(1)
+
+    def nonconvex(z):
+        return (-(z[0] ** 2) + z[0] ** 4 / 4 - 0.3 * z[0]).sum().reshape(1)
+
+    def beyond(z):
+        return (torch.log(1 - z[0]) + z[0] ** 2).sum().reshape(1)
+
+    zeros = torch.zeros(1, 4, dtype=dtype)
+    return {
+        "smooth": (smooth, [zeros], None),
+        "flat": (flat, [zeros], None),
+        "steep": (steep, [zeros], None),
+        "two tensors": (two, [torch.zeros(3, 5, dtype=dtype), torch.zeros(7, dtype=dtype)], None),
+        "warm start": (smooth, [0.3 * torch.ones(1, 4, dtype=dtype)], torch.tensor([2.5], dtype=dtype)),
+        "non-convex": (nonconvex, [torch.full((1, 1), 0.05, dtype=dtype)], None),
+        "non-finite": (beyond, [torch.full((1, 2), 2.0, dtype=dtype)], None),
+    }
+
+
+ONE_GROUP_SOLVERS = [QuasiNewton(tol=None, max_iter=2), QuasiNewton(tol=1e-10, max_iter=60),
+                     LBFGS(tol=1e-10, max_iter=60), LBFGS(tol=0, max_iter=7),
+                     GradientDescent(step=0.05, tol=1e-9, max_iter=300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("solver", ONE_GROUP_SOLVERS, ids=repr)
+def test_one_group_on_numpy_scalars_is_the_tensor_path_bit_for_bit(solver, dtype, monkeypatch):
+    assert isinstance(solvers.values_for(torch.zeros(1, dtype=dtype)), solvers.Scalars)
+    problems = one_group_problems(dtype)
+    fast = {name: solver.solve(fun, z0, scale=scale) for name, (fun, z0, scale) in problems.items()}
+    monkeypatch.setattr(solvers, "values_for", lambda f: solvers.Tensors(f.numel()))
+    for name, (fun, z0, scale) in problems.items():
+        z_ref, info_ref = solver.solve(fun, z0, scale=scale)
+        z, info = fast[name]
+        for a, b in zip(z, z_ref, strict=True):
+            assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(
+                a.nan_to_num(), b.nan_to_num()), (name, a, b)
+        assert info == info_ref, name
+    if solver.tol is not None:  # the problems reach the branches they are named for
+        assert "not strongly convex" in fast["non-convex"][1].message
+    assert fast["non-finite"][1].message == "non-finite iterate"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_goldstein_on_numpy_scalars_doubles_and_halves_as_on_tensors(dtype):
+    problems = one_group_problems(dtype)
+    for name, factor in [("flat", 2.0), ("steep", 0.5)]:
+        fun, (z0,), _ = problems[name]
+        f, g = solvers.value_and_grad(fun, [z0])
+        s_ref, _ = goldstein(fun, [z0], f, g)
+        v = solvers.values_for(f)
+        s, _ = goldstein(fun, [z0], v.of(f), g, values=v)
+        assert isinstance(s, np.floating) and float(s) == float(s_ref)
+        assert (float(s) > 1) if factor > 1 else (float(s) < 1), (name, float(s))
+
+
+def test_values_for_keeps_tensors_for_several_groups_and_other_dtypes():
+    assert type(solvers.values_for(torch.zeros(3))) is solvers.Tensors
+    assert type(solvers.values_for(torch.zeros(1, dtype=torch.float16))) is solvers.Tensors
+    assert type(solvers.values_for(torch.zeros(1, device="meta"))) is solvers.Tensors

@@ -23,7 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,23 +40,20 @@ NOT_CONVEX = "subproblem not strongly convex: negative curvature along a step"
 CURVATURE_NOISE = 1e-6
 
 
-def negative_curvature(s: Sequence[Tensor], y: Sequence[Tensor], z: Sequence[Tensor], groups: int,
-                       sy: Tensor | None = None, ss: Tensor | None = None) -> Tensor:
+def negative_curvature(v: Values, s: Sequence[Tensor], y: Sequence[Tensor], z: Sequence[Tensor],
+                       sy: Any, ss: Any) -> Any:
     """Per group, whether ``<s, y> < -CURVATURE_NOISE |s| |y|`` along a step ``s`` from ``z`` that is
     not at rounding level (``|s| > sqrt(eps) (1 + |z|)``): a witness of non-convexity. ``sy`` and
-    ``ss`` are ``<s, y>`` and ``<s, s>`` when the caller has them."""
-    ss = gdot(s, s, groups) if ss is None else ss
-    yy = gdot(y, y, groups)
-    eps = torch.finfo(ss.dtype).eps
-    resolved = ss > eps * (1 + gdot(z, z, groups).sqrt()) ** 2
-    sy = gdot(s, y, groups) if sy is None else sy
-    return resolved & (sy < -CURVATURE_NOISE * (ss * yy).sqrt())
+    ``ss`` are ``<s, y>`` and ``<s, s>``, per-group values of ``v``."""
+    yy = v.dot(y, y)
+    resolved = ss > _eps(ss) * (1 + v.sqrt(v.dot(z, z))) ** 2
+    return resolved & (sy < -CURVATURE_NOISE * v.sqrt(ss * yy))
 
 
-def _inverse_curvature(curv: Tensor) -> Tensor:
+def _inverse_curvature(v: Values, curv: Any) -> Any:
     """``1 / curv`` where the curvature is positive, else 0 (the pair drops out of L-BFGS)."""
     usable = curv > 0
-    return torch.where(usable, 1.0 / curv.where(usable, torch.ones_like(curv)), 0.0)
+    return v.where(usable, 1.0 / v.where(usable, curv, v.full(curv, 1.0)), v.full(curv, 0.0))
 
 
 RTOL_FLOOR = 64  # the smallest relative tolerance, in units of the dtype's eps
@@ -64,8 +63,8 @@ def tolerance(tol: float, scale: Tensor) -> Tensor:
     """Per group, ``max(tol, RTOL_FLOOR eps) * scale``: the stopping threshold of a relative test
     (``tol = 0`` asks for exactly 0: run to the iteration cap)."""
     if tol == 0:
-        return torch.zeros_like(scale)
-    return max(tol, RTOL_FLOOR * torch.finfo(scale.dtype).eps) * scale
+        return type(scale)(0) if isinstance(scale, np.floating) else torch.zeros_like(scale)
+    return max(tol, RTOL_FLOOR * _eps(scale)) * scale
 
 
 def unit_of(tensors: Sequence[Tensor]) -> float:
@@ -78,9 +77,15 @@ def unit_of(tensors: Sequence[Tensor]) -> float:
     return 2.0 ** math.floor(math.log2(m))
 
 
-def rounding_slack(f: Tensor) -> Tensor:
-    """Decreases below the rounding of ``f`` carry no sign; line searches accept them."""
-    return 16 * torch.finfo(f.dtype).eps * (1 + f.abs())
+def rounding_slack(f: Any) -> Any:
+    """Decreases below the rounding of ``f`` (a tensor or a per-group value of :class:`Scalars`)
+    carry no sign; line searches accept them."""
+    return 16 * _eps(f) * (1 + abs(f))
+
+
+def _eps(v: Any) -> float:
+    """The machine epsilon of a tensor's or a numpy scalar's dtype."""
+    return float(np.finfo(v.dtype).eps) if isinstance(v, np.floating) else torch.finfo(v.dtype).eps
 
 
 NON_FINITE = "non-finite iterate"
@@ -162,14 +167,132 @@ def _finite(*ts: Tensor) -> bool:
     return bool(torch.isfinite(total)) or all(bool(torch.isfinite(t).all()) for t in ts)
 
 
-def _groups_of(f: Tensor) -> int:
-    return f.numel()
+class Tensors:
+    """Per-group values (``F``, inner products, steps, tests) as tensors of shape ``(G,)``: any
+    number of groups, any device."""
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+
+    def of(self, f: Tensor) -> Tensor:
+        """A value of ``fun``, shape ``(G,)``."""
+        return f
+
+    def dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+        return gdot(a, b, self.groups)
+
+    def axpy(self, z: Sequence[Tensor], s: Tensor, d: Sequence[Tensor]) -> list[Tensor]:
+        return axpy(z, s, d, self.groups)
+
+    def scale(self, s: Tensor, z: Tensor) -> Tensor:
+        return gscale(s, z, self.groups) * z
+
+    @staticmethod
+    def full(like: Tensor, value: float) -> Tensor:
+        return torch.full_like(like, value)
+
+    where = staticmethod(torch.where)
+    sqrt = staticmethod(torch.sqrt)
+    isinf = staticmethod(torch.isinf)
+
+    @staticmethod
+    def any(c: Tensor) -> bool:
+        return bool(c.any())
+
+    @staticmethod
+    def all(c: Tensor) -> bool:
+        return bool(c.all())
+
+    @staticmethod
+    def max(v: Tensor) -> float:
+        return float(v.max()) if v.numel() else 0.0
+
+    @staticmethod
+    def finite(values: Sequence[Tensor], tensors: Sequence[Tensor] = ()) -> bool:
+        return _finite(*values, *tensors)
 
 
-Evaluated = tuple[Tensor, list[Tensor]]  # (F(z), grad F(z))
-Start = Evaluated  # at z0, when the caller already has them
+class Scalars(Tensors):
+    """One group on the CPU: per-group values as numpy scalars of the problem's dtype.
+
+    A solve's bookkeeping (line-search tests, steps, curvature) then costs no tensor operation,
+    where each costs microseconds on one-element tensors: the pendulum's 2-dimensional state
+    problems spent more time there than in their function evaluations. numpy's scalar arithmetic
+    rounds in the dtype, one operation at a time, as torch's does, and the steps are applied by the
+    same ``addcmul`` kernel: the iterates are :class:`Tensors`' bit for bit.
+    """
+
+    TYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__(1)
+        self.dtype = dtype
+        self.type = self.TYPES[dtype]
+
+    def of(self, f: Tensor) -> Any:
+        return self.type(f.item())
+
+    def dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> Any:
+        # gdot's sum of per-tensor dots, in the same order and dtype, without its reshapes
+        out = None
+        for x, y in zip(a, b, strict=True):
+            d = self.type(torch.dot(x.reshape(-1), y.reshape(-1)).item())
+            out = d if out is None else out + d
+        return out
+
+    def axpy(self, z: Sequence[Tensor], s: Any, d: Sequence[Tensor]) -> list[Tensor]:
+        st = torch.scalar_tensor(float(s), dtype=self.dtype)  # 0-d, as Tensors' step: the same kernel
+        return [torch.addcmul(x, st, y) for x, y in zip(z, d, strict=True)]
+
+    def scale(self, s: Any, z: Tensor) -> Tensor:
+        return torch.scalar_tensor(float(s), dtype=self.dtype) * z
+
+    def full(self, like: Any, value: float) -> Any:
+        return self.type(value)
+
+    @staticmethod
+    def where(c: Any, a: Any, b: Any) -> Any:
+        return a if c else b
+
+    def sqrt(self, x: Any) -> Any:
+        # torch's sqrt, on one element as Tensors' per-group values: on the CPU it is not always
+        # the correctly rounded one that numpy's is (1 in 50 to 1 in 7 values differ by an ulp).
+        return self.type(torch.scalar_tensor(float(x), dtype=self.dtype).sqrt_().item())
+
+    isinf = staticmethod(np.isinf)
+
+    @staticmethod
+    def any(c: Any) -> bool:
+        return bool(c)
+
+    all = any
+
+    @staticmethod
+    def max(v: Any) -> float:
+        return float(v)
+
+    @staticmethod
+    def finite(values: Sequence[Any], tensors: Sequence[Tensor] = ()) -> bool:
+        return all(np.isfinite(v) for v in values) and (not tensors or _finite(*tensors))
+
+
+Values = Tensors  # the interface; Scalars is a Tensors
+
+
+def values_for(f: Tensor) -> Tensors:
+    """How a solve on ``F(z) = f`` holds its per-group values: :class:`Scalars` for one group of
+    float32 or float64 on the CPU, else :class:`Tensors`."""
+    if f.numel() == 1 and f.device.type == "cpu" and f.dtype in Scalars.TYPES:
+        return Scalars(f.dtype)
+    return Tensors(f.numel())
+
+
+Evaluated = tuple[Any, list[Tensor]]  # (F(z) as a per-group value, grad F(z))
+Start = tuple[Tensor, list[Tensor]]  # (F(z0), grad F(z0)) at z0, when the caller already has them
 # (s_k, y_k, <s_k, y_k>, <s_k, s_k>) with s_k = z_{k+1} - z_k and y_k = g_{k+1} - g_k, per group
-History = list[tuple[list[Tensor], list[Tensor], Tensor, Tensor]]
+History = list[tuple[list[Tensor], list[Tensor], Any, Any]]
+Step = Callable[[Values, Objective, list[Tensor], Any, list[Tensor], Any, History, bool],
+                tuple[list[Tensor], Evaluated | None]]
 
 
 def _check_tol(owner: str, tol: float | None, max_iter: int) -> None:
@@ -179,13 +302,18 @@ def _check_tol(owner: str, tol: float | None, max_iter: int) -> None:
         _check(owner, 0.0, max_iter)
 
 
-def run(method: str, step: Callable[..., tuple[list[Tensor], Evaluated | None]], fun: Objective,
-        z0: Sequence[Tensor], tol: float | None, max_iter: int, start: Start | None = None,
-        scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
-    """The loop every solver shares: ``z_{k+1} = step(fun, z_k, F_k, g_k, history, last)``.
+def _evaluate(v: Values, fun: Objective, z: Sequence[Tensor]) -> Evaluated:
+    f, g = value_and_grad(fun, z)
+    return v.of(f), g
+
+
+def run(method: str, step: Step, fun: Objective, z0: Sequence[Tensor], tol: float | None, max_iter: int,
+        start: Start | None = None, scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
+    """The loop every solver shares: ``z_{k+1} = step(v, fun, z_k, F_k, g_k, |g_k|^2, history, last)``.
 
     A step returns the new iterate and, if it already evaluated them there, ``(F, grad F)``;
-    ``last`` tells it that no gradient will be taken at its result.
+    ``last`` tells it that no gradient will be taken at its result. Per-group values (``F``, inner
+    products, steps) are held as ``v`` says (:func:`values_for`).
 
     It stops when every group meets ``||g_g|| <= tolerance(tol, scale)_g`` (``scale`` defaults to
     ``||grad F(z0)||`` per group), at ``max_iter`` steps, at a non-finite value or gradient,
@@ -198,41 +326,54 @@ def run(method: str, step: Callable[..., tuple[list[Tensor], Evaluated | None]],
     """
     z = list(z0)
     f, g = start if start is not None else value_and_grad(fun, z)
-    G = _groups_of(f)
-    res = gdot(g, g, G).sqrt()
-    bound = None if tol is None else tolerance(tol, res if scale is None else scale.reshape(res.shape))
+    v = values_for(f)
+    f = v.of(f)
+    with np.errstate(all="ignore"):  # numpy scalars: overflow and inf as in torch, silently
+        return _run(v, method, step, fun, z, f, g, tol, max_iter, scale)
+
+
+def _run(v: Values, method: str, step: Step, fun: Objective, z: list[Tensor], f: Any, g: list[Tensor],
+         tol: float | None, max_iter: int, scale: Tensor | None) -> tuple[list[Tensor], SolveInfo]:
+    # The residual ||g|| per group is formed only where a test needs it (gg is finite iff it is).
+    gg = v.dot(g, g)
+    res = None if tol is None else v.sqrt(gg)
+    bound = None if tol is None else tolerance(tol, res if scale is None else v.of(scale.reshape(-1)))
     hist: History = []
     it, message = 0, ""
-    while it < max_iter and (bound is None or bool((res > bound).any())):
-        if not _finite(f, res):
+    while it < max_iter and (bound is None or v.any(res > bound)):
+        if not v.finite((f, gg)):
             message = NON_FINITE
             break
         last = tol is None and it + 1 == max_iter
-        z_new, evaluated = step(fun, z, f, g, hist, last)
+        z_new, evaluated = step(v, fun, z, f, g, gg, hist, last)
         it += 1
         if last:
             z = z_new
             break
-        f_new, g_new = evaluated if evaluated is not None else value_and_grad(fun, z_new)
+        f_new, g_new = evaluated if evaluated is not None else _evaluate(v, fun, z_new)
         s_k = [a - b for a, b in zip(z_new, z, strict=True)]
         y_k = [a - b for a, b in zip(g_new, g, strict=True)]
         z, f, g = z_new, f_new, g_new
-        res = gdot(g, g, G).sqrt()
-        sy, ss = gdot(s_k, y_k, G), gdot(s_k, s_k, G)
-        if bool(negative_curvature(s_k, y_k, z, G, sy, ss).any()):
+        gg = v.dot(g, g)
+        if bound is not None:
+            res = v.sqrt(gg)
+        sy, ss = v.dot(s_k, y_k), v.dot(s_k, s_k)
+        if v.any(negative_curvature(v, s_k, y_k, z, sy, ss)):
             message = NOT_CONVEX
             break
         hist.append((s_k, y_k, sy, ss))
-    if not message and not _finite(f, res, *z):
+    if not message and not v.finite((f, gg), z):
         message = NON_FINITE
-    r = float(res.max()) if res.numel() else 0.0
+    if bound is None:
+        res = v.sqrt(gg)
+    r = v.max(res)
     if message:
         return z, SolveInfo(method, it, r, False, message)
     if bound is None:
         return z, SolveInfo(method, it, r, None, f"{FIXED} ({max_iter} steps, as asked); the residual "
                                                  f"{r:.3g} is that of iterate {it - 1}, before the last "
                                                  f"step, not measured at the returned point")
-    converged = bool((res <= bound).all())
+    converged = v.all(res <= bound)
     return z, SolveInfo(method, it, r, converged, "" if converged else CAP)
 
 
@@ -255,14 +396,15 @@ class GradientDescent:
 
     def solve(self, fun: Objective, z0: Sequence[Tensor], start: Start | None = None,
               scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
-        def step(fun, z, f, g, hist, last):
+        def step(v, fun, z, f, g, gg, hist, last):
             return [x - self.step * y for x, y in zip(z, g, strict=True)], None
 
         return run("gradient descent", step, fun, z0, self.tol, self.max_iter, start, scale)
 
 
-def goldstein(fun: Objective, z: list[Tensor], f: Tensor, g: list[Tensor], c: float = 0.25,
-              max_trials: int = 30, with_grad: bool = False) -> tuple[Tensor, Evaluated | None]:
+def goldstein(fun: Objective, z: list[Tensor], f: Any, g: list[Tensor], c: float = 0.25,
+              max_trials: int = 30, with_grad: bool = False,
+              values: Values | None = None, gg: Any = None) -> tuple[Any, Evaluated | None]:
     """Per-group Goldstein step along ``-g``: ``F - (1-c) s |g|^2 <= F(z - s g) <= F - c s |g|^2``.
 
     Starts from ``s = 1`` (the unit step is exact on the proximal term), halves the step of groups
@@ -271,35 +413,36 @@ def goldstein(fun: Objective, z: list[Tensor], f: Tensor, g: list[Tensor], c: fl
     sufficient decrease (0 if none had any: the point does not move). With ``with_grad``, the first
     trial also takes the gradient, returned with its value when every group accepts the unit step
     (the common case), so that the next iterate costs no second evaluation.
+
+    ``f``, ``gg = |g|^2`` (formed here if not given) and the steps are per-group values of
+    ``values`` (default: tensors of shape ``(G,)``).
     """
-    G = _groups_of(f)
-    gg = gdot(g, g, G)
-    s = torch.ones_like(f)
-    lo, hi = torch.zeros_like(f), torch.full_like(f, float("inf"))
+    v = Tensors(f.numel()) if values is None else values
+    gg = v.dot(g, g) if gg is None else gg
+    s, lo, hi, best = v.full(f, 1.0), v.full(f, 0.0), v.full(f, math.inf), v.full(f, 0.0)
     done = gg == 0
-    best = torch.zeros_like(f)
     first: Evaluated | None = None
     for trial in range(max_trials):
-        zn = axpy(z, -s, g, G)
+        zn = v.axpy(z, -s, g)
         if trial == 0 and with_grad:
-            first = value_and_grad(fun, zn)
+            first = _evaluate(v, fun, zn)
             fn = first[0]
         else:
             with torch.no_grad():
-                fn = fun(zn)
+                fn = v.of(fun(zn))
         upper = fn <= f - c * s * gg + rounding_slack(f)  # sufficient decrease
         lower = fn >= f - (1 - c) * s * gg    # not too long a step
-        best = torch.where(upper & ~done, s, best)
+        best = v.where(upper & ~done, s, best)
         ok = upper & lower
         done = done | ok
-        if bool(done.all()):
+        if v.all(done):
             break
-        hi = torch.where(~done & ~upper, s, hi)
-        lo = torch.where(~done & upper, s, lo)
-        nxt = torch.where(torch.isinf(hi), 2 * s, (lo + hi) / 2)
-        s = torch.where(done, s, nxt)
-    accepted_first = first is not None and bool(done.all()) and bool((s == 1).all())
-    return torch.where(done, s, best), first if accepted_first else None
+        hi = v.where(~done & ~upper, s, hi)
+        lo = v.where(~done & upper, s, lo)
+        nxt = v.where(v.isinf(hi), 2 * s, (lo + hi) / 2)
+        s = v.where(done, s, nxt)
+    accepted_first = first is not None and v.all(done) and v.all(s == 1)
+    return v.where(done, s, best), first if accepted_first else None
 
 
 @dataclass(frozen=True)
@@ -318,18 +461,17 @@ class QuasiNewton:
 
     def solve(self, fun: Objective, z0: Sequence[Tensor], start: Start | None = None,
               scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
-        def step(fun, z, f, g, hist, last):
-            G = _groups_of(f)
+        def step(v, fun, z, f, g, gg, hist, last):
             evaluated = None
             if not hist:
-                s, evaluated = goldstein(fun, z, f, g, with_grad=not last)
+                s, evaluated = goldstein(fun, z, f, g, with_grad=not last, values=v, gg=gg)
             else:
                 # BB1 per group; groups without usable curvature (not moved, or at rounding level)
                 # take a unit step, exact on the proximal term.
                 _, _, curv, dd = hist[-1]  # <dz, dg> and <dz, dz>
                 usable = (curv > 0) & (dd > 0)
-                s = torch.where(usable, dd / curv.where(usable, torch.ones_like(curv)), 1.0)
-            return axpy(z, -s, g, G), evaluated
+                s = v.where(usable, dd / v.where(usable, curv, v.full(curv, 1.0)), v.full(curv, 1.0))
+            return v.axpy(z, -s, g), evaluated
 
         return run("quasi-Newton (Goldstein + Barzilai-Borwein)", step, fun, z0, self.tol, self.max_iter,
                    start, scale)
@@ -349,35 +491,36 @@ class LBFGS:
 
     def solve(self, fun: Objective, z0: Sequence[Tensor], start: Start | None = None,
               scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
-        def step(fun, z, f, g, hist, last):
-            G = _groups_of(f)
+        def step(v, fun, z, f, g, gg, hist, last):
             # Two-loop recursion d = -H g; pairs without positive curvature (groups that did not
             # move, or moved at rounding level) get rho = 0 and drop out.
             pairs = []
             for s_k, y_k, sy, _ in hist[-self.memory:]:
-                pairs.append((s_k, y_k, _inverse_curvature(sy)))
+                pairs.append((s_k, y_k, _inverse_curvature(v, sy)))
             q, alphas = list(g), []
             for s_k, y_k, rho in reversed(pairs):
-                a = rho * gdot(s_k, q, G)
+                a = rho * v.dot(s_k, q)
                 alphas.append(a)
-                q = axpy(q, -a, y_k, G)
+                q = v.axpy(q, -a, y_k)
             if pairs:
                 _, y_k, _ = pairs[-1]
-                yy, sy = gdot(y_k, y_k, G), hist[-1][2]
-                h0 = torch.where((yy > 0) & (sy > 0), sy / yy.where(yy > 0, torch.ones_like(yy)), 1.0)
-                q = [gscale(h0, x, G) * x for x in q]
+                yy, sy = v.dot(y_k, y_k), hist[-1][2]
+                one = v.full(yy, 1.0)
+                h0 = v.where((yy > 0) & (sy > 0), sy / v.where(yy > 0, yy, one), one)
+                q = [v.scale(h0, x) for x in q]
             for (s_k, y_k, rho), a in zip(pairs, reversed(alphas), strict=True):
-                q = axpy(q, a - rho * gdot(y_k, q, G), s_k, G)
+                q = v.axpy(q, a - rho * v.dot(y_k, q), s_k)
             d = [-x for x in q]
-            slope = gdot(g, d, G)
-            t = torch.ones_like(f)
+            slope = v.dot(g, d)
+            t = v.full(f, 1.0)
             with torch.no_grad():
                 for _ in range(30):
-                    bad = ~(fun(axpy(z, t, d, G)) <= f + 1e-4 * t * slope + rounding_slack(f)) & (slope < 0)
-                    if not bool(bad.any()):
+                    f_t = v.of(fun(v.axpy(z, t, d)))
+                    bad = ~(f_t <= f + 1e-4 * t * slope + rounding_slack(f)) & (slope < 0)
+                    if not v.any(bad):
                         break
-                    t = torch.where(bad, t / 2, t)
-            return axpy(z, t, d, G), None
+                    t = v.where(bad, t / 2, t)
+            return v.axpy(z, t, d), None
 
         return run("L-BFGS", step, fun, z0, self.tol, self.max_iter, start, scale)
 
