@@ -207,3 +207,27 @@ def test_values_for_keeps_tensors_for_several_groups_and_other_dtypes():
     assert type(solvers.values_for(torch.zeros(3))) is solvers.Tensors
     assert type(solvers.values_for(torch.zeros(1, dtype=torch.float16))) is solvers.Tensors
     assert type(solvers.values_for(torch.zeros(1, device="meta"))) is solvers.Tensors
+
+
+@pytest.mark.parametrize("groups", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_pairing_takes_the_gradient_autograd_takes_through_it(groups, dtype):
+    # data(z) = gamma <lam, out(z) - offset> per group: its value and gradient by one vjp of out
+    # equal autograd's through the pairing, bit for bit, and an out that ignores z gives z alone.
+    g = torch.Generator().manual_seed(groups)
+    A = torch.randn(3, 3, generator=g, dtype=dtype)
+    lam = torch.randn(groups, 3, generator=g, dtype=dtype)
+    offset = torch.randn(groups, 3, generator=g, dtype=dtype)
+    z = [torch.randn(groups, 3, generator=g, dtype=dtype)]
+
+    def out(z):
+        return torch.sin(z[0] @ A) + z[0]
+
+    pairing = solvers.Pairing(out, lam, offset, 0.3, groups)
+    f, grad = solvers.value_and_grad(solvers.Proximal(pairing, groups), z)
+    f_ref, grad_ref = solvers.value_and_grad(solvers.Proximal(lambda z: pairing(z), groups), z)
+    assert torch.equal(f, f_ref) and torch.equal(grad[0], grad_ref[0])
+    assert torch.equal(pairing(z) + 0.5 * solvers.gdot(z, z, groups), f_ref)
+    const = solvers.Pairing(lambda z: offset + 1, lam, offset, 0.3, groups)
+    f, grad = solvers.value_and_grad(solvers.Proximal(const, groups), z)
+    assert torch.equal(grad[0], z[0]) and not grad[0].requires_grad

@@ -143,13 +143,43 @@ class Proximal:
         return self.data(z) + 0.5 * gdot(z, z, self.groups)
 
 
+@dataclass(frozen=True)
+class Pairing:
+    """``data(z) = scale <lam, out(z) - offset>`` per group: the data term of a state problem,
+    ``gamma <lam, phi_t(w, x + y) - x_t>`` (000 Prop. 2.2). :func:`value_and_grad` takes its
+    gradient as one vjp of ``out`` with ``scale lam``, the cotangent autograd would reach ``out``
+    with, not through the pairing's own operations: the same gradient with fewer autograd nodes,
+    which on a small state (the pendulum's) cost as much as the step itself."""
+
+    out: Objective
+    lam: Tensor
+    offset: Tensor
+    scale: float
+    groups: int
+
+    def __call__(self, z: list[Tensor]) -> Tensor:
+        return self.scale * gdot([self.lam], [self.out(z) - self.offset], self.groups)
+
+    def value_and_grad(self, z: list[Tensor]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        """``data(z)`` and its gradient (None for a tensor ``out`` does not depend on); ``z``
+        requires grad."""
+        out = self.out(z)
+        grads = (torch.autograd.grad(out, z, self.scale * self.lam, allow_unused=True)
+                 if out.requires_grad else (None,) * len(z))
+        with torch.no_grad():
+            return self.scale * gdot([self.lam], [out - self.offset], self.groups), grads
+
+
 def value_and_grad(fun: Objective, z: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """``F(z)`` per group and ``grad F(z)``; separability makes ``grad sum_g F_g`` per-group exact."""
     proximal = isinstance(fun, Proximal)
     with torch.enable_grad():
         zz = [x.detach().requires_grad_(True) for x in z]
-        f = (fun.data if proximal else fun)(zz)
-        grads = torch.autograd.grad(f.sum(), zz, allow_unused=True)
+        if proximal and isinstance(fun.data, Pairing):
+            f, grads = fun.data.value_and_grad(zz)
+        else:
+            f = (fun.data if proximal else fun)(zz)
+            grads = torch.autograd.grad(f.sum(), zz, allow_unused=True)
     f = f.detach()
     if proximal:
         zd = [x.detach() for x in z]

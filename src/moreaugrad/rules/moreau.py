@@ -28,7 +28,7 @@ from .. import envelope, kernels
 from ..chain import Dynamics
 from ..checks import check_positive
 from ..losses import L2, CrossEntropy, SquaredLoss, functional_loss
-from ..solvers import LBFGS, Proximal, QuasiNewton, gdot
+from ..solvers import LBFGS, Pairing, Proximal, QuasiNewton, gdot
 from ..types import Dual, Signal, SolveInfo, StateUpdate, WeightUpdate
 from .grad import objective_value
 from .registry import LineRule, check_solve, lookup, register
@@ -213,14 +213,9 @@ def generic_state(rule: Moreau, site: Any, signal: Signal) -> StateUpdate:
     x = site.x_prev.detach()
     B = site.groups
 
-    x_t = site.x.detach()
-
-    def data(z: list[Tensor]) -> Tensor:
-        (y,) = z
-        # Relative to the constant gamma <lam, x_t>, so that values resolve a small move.
-        return gamma * gdot([lam], [site.phi(x=x + y) - x_t], B)
-
-    fun = Proximal(data, B)
+    # gamma <lam, phi_t(w, x + y) - x_t>: relative to the constant gamma <lam, x_t>, so that values
+    # resolve a small move.
+    fun = Proximal(Pairing(lambda z: site.phi(x=x + z[0]), lam, site.x.detach(), gamma, B), B)
 
     # At y = 0 the value and gradient come from the recorded graph: F = 0, grad F = gamma vjp_x(lam).
     g0 = gamma * site.vjp(lam, weights=False)[0]
