@@ -688,3 +688,71 @@ def test_an_accumulated_result_copies_prints_and_compares():
     assert repr(result).startswith("Accumulated(") and result == result
     with pytest.raises(RuntimeError, match="Clone the directions"):
         _ = result.directions
+
+
+# -- jvp of a small function by two reverse passes ----------------------------------------------
+
+class _Once(torch.autograd.Function):
+    """x^2 with a backward that cannot be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def _jvp_cases():
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g)
+    K, Y = torch.randn(3, 2, 3, generator=g), torch.randn(4, 2, 9, generator=g)
+    cases = {}
+    for disc in ("explicit", "rk4"):
+        p = mg.control.Pendulum(discretization=disc)
+        x0 = torch.tensor([[0.3, -1.2]])
+        cases[f"pendulum {disc}, control"] = (lambda w, p=p, x0=x0: p.dynamics(w, x0), (torch.tensor([0.7]),))
+        cases[f"pendulum {disc}, state and control"] = (lambda x, w, p=p: p.dynamics(w, x),
+                                                        (x0, torch.tensor([0.7])))
+    cases["linear with scalars"] = (lambda w: 0.5 * torch.tanh(F.linear(X, w)) + 1.0, (W,))
+    cases["conv1d"] = (lambda k: F.relu(F.conv1d(Y, k, padding=1)), (K,))
+    cases["one primal unused"] = (lambda a, b: a.sin() * 2.0, (W, X))
+    cases["constant"] = (lambda a: torch.ones(3), (W,))
+    return cases
+
+
+@pytest.mark.parametrize("name", list(_jvp_cases()))
+def test_small_jvp_by_two_vjps_equals_forward_mode(name, monkeypatch):
+    fn, primals = _jvp_cases()[name]
+    g = torch.Generator().manual_seed(1)
+    tangents = tuple(torch.randn(p.shape, generator=g) for p in primals)
+    assert sum(p.numel() for p in primals) <= mg.lstsq.SMALL_JVP
+    out, jv = mg.lstsq.jvp(fn, primals, tangents)
+    monkeypatch.setattr(mg.lstsq, "SMALL_JVP", -1)  # forward mode
+    out_ref, jv_ref = mg.lstsq.jvp(fn, primals, tangents)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(jv, jv_ref, rtol=1e-12, atol=1e-14)
+    assert not jv.requires_grad and not out.requires_grad
+
+
+def test_jvp_refuses_a_vjp_that_cannot_be_differentiated():
+    # Reading J v off a backward that was cut would give zeros; both routes refuse it instead.
+    x, v = torch.randn(3), torch.randn(3)
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        mg.lstsq.jvp(_Once.apply, (x,), (v,))
+
+
+def test_proxprop_on_the_pendulum_is_the_same_by_either_jvp(monkeypatch):
+    p = mg.control.Pendulum(horizon=12)
+    u = torch.linspace(-1, 1, 12)[:, None]
+    rule = mg.rules.proxprop(tau_theta=1.0, tau=1.0, method=CG(3))
+    fast = mg.Oracle(p.chain(u.clone()), p.objective, rule)().directions
+    monkeypatch.setattr(mg.lstsq, "SMALL_JVP", -1)
+    ref = mg.Oracle(p.chain(u.clone()), p.objective, rule)().directions
+    for a, b in zip(fast, ref, strict=True):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-13)
