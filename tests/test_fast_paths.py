@@ -741,9 +741,13 @@ def test_small_jvp_by_two_vjps_equals_forward_mode(name, monkeypatch):
 
 def test_jvp_refuses_a_vjp_that_cannot_be_differentiated():
     # Reading J v off a backward that was cut would give zeros; both routes refuse it instead.
+    # Neither route applies here (no forward-mode formula either): the error names both.
     x, v = torch.randn(3), torch.randn(3)
-    with pytest.raises(NotImplementedError, match="not differentiable"):
+    with pytest.raises(NotImplementedError, match="neither route applies.*not differentiable.*jvp function"):
         mg.lstsq.jvp(_Once.apply, (x,), (v,))
+    big = torch.randn(mg.lstsq.SMALL_JVP + 1)  # forward mode first, then the two passes
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        mg.lstsq.jvp(_Once.apply, (big,), (big,))
 
 
 def test_proxprop_on_the_pendulum_is_the_same_by_either_jvp(monkeypatch):

@@ -75,8 +75,18 @@ def batchnorm_softplus() -> Case:
     return _seeded(14, build)
 
 
+def softplus_one() -> Case:
+    """Linear, Softplus, Linear on one sample: the weightless stage's state Jacobian (and Newton's
+    Hessian block in x) is taken whole, not per sample."""
+    def build():
+        model = nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 2)).double()
+        return Case(model, torch.randn(1, 3, dtype=DTYPE), torch.randn(1, 2, dtype=DTYPE),
+                    mg.losses.SquaredLoss())
+    return _seeded(15, build)
+
+
 SMOOTH = {"softplus_mlp": softplus_mlp, "conv": conv_chain, "pendulum10": pendulum10,
-          "batchnorm_softplus": batchnorm_softplus}
+          "batchnorm_softplus": batchnorm_softplus, "softplus_one": softplus_one}
 PHI = {**DYNAMICS, "pendulum10": PENDULUM10.dynamics}
 
 

@@ -209,11 +209,13 @@ def test_values_for_keeps_tensors_for_several_groups_and_other_dtypes():
     assert type(solvers.values_for(torch.zeros(1, device="meta"))) is solvers.Tensors
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.3])
 @pytest.mark.parametrize("groups", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_pairing_takes_the_gradient_autograd_takes_through_it(groups, dtype):
-    # data(z) = gamma <lam, out(z) - offset> per group: its value and gradient by one vjp of out
-    # equal autograd's through the pairing, bit for bit, and an out that ignores z gives z alone.
+def test_pairing_takes_the_gradient_autograd_takes_through_it(groups, dtype, scale):
+    # data(z) = scale <lam, out(z) - offset> per group: its value and gradient by one vjp of out
+    # equal autograd's through the pairing (bit for bit for a power-of-2 scale, else to rounding),
+    # and an out that ignores z gives z alone.
     g = torch.Generator().manual_seed(groups)
     A = torch.randn(3, 3, generator=g, dtype=dtype)
     lam = torch.randn(groups, 3, generator=g, dtype=dtype)
@@ -223,11 +225,20 @@ def test_pairing_takes_the_gradient_autograd_takes_through_it(groups, dtype):
     def out(z):
         return torch.sin(z[0] @ A) + z[0]
 
-    pairing = solvers.Pairing(out, lam, offset, 0.3, groups)
+    pairing = solvers.Pairing(out, lam, offset, scale, groups)
     f, grad = solvers.value_and_grad(solvers.Proximal(pairing, groups), z)
     f_ref, grad_ref = solvers.value_and_grad(solvers.Proximal(lambda z: pairing(z), groups), z)
-    assert torch.equal(f, f_ref) and torch.equal(grad[0], grad_ref[0])
+    assert torch.equal(f, f_ref)
+    if scale in (1.0, 0.5):
+        assert torch.equal(grad[0], grad_ref[0])
+    else:
+        eps = 64 * torch.finfo(dtype).eps
+        torch.testing.assert_close(grad[0], grad_ref[0], rtol=eps, atol=eps * float(grad_ref[0].abs().max()))
     assert torch.equal(pairing(z) + 0.5 * solvers.gdot(z, z, groups), f_ref)
-    const = solvers.Pairing(lambda z: offset + 1, lam, offset, 0.3, groups)
+    const = solvers.Pairing(lambda z: offset + 1, lam, offset, scale, groups)
     f, grad = solvers.value_and_grad(solvers.Proximal(const, groups), z)
     assert torch.equal(grad[0], z[0]) and not grad[0].requires_grad
+    ident = solvers.Pairing(lambda z: z[0], lam, offset, scale, groups)  # the gradient is lam itself
+    f, grad = solvers.value_and_grad(solvers.Proximal(ident, groups), z)
+    torch.testing.assert_close(grad[0], scale * lam + z[0], rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert torch.equal(lam, pairing.lam)  # not scaled in place

@@ -115,18 +115,23 @@ def jvp(fn: Any, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> t
     # Attention through its math kernel: the fused CPU/GPU kernels have no forward-mode formula
     # and no double backward.
     with sdpa_kernel(SDPBackend.MATH):
+        tried: Exception | None = None  # why the two reverse passes did not apply
         if sum(p.numel() for p in primals) <= SMALL_JVP:
             try:
                 return _jvp_by_two_vjps(fn, primals, tangents)
             except (NotImplementedError, RuntimeError) as err:  # no double backward: try forward mode
                 if not isinstance(err, NotImplementedError) and "not implemented" not in str(err):
                     raise
+                tried = err
         _load_forward_ad()
         try:
             with fwAD.dual_level():
                 out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)))
                 primal, tangent = fwAD.unpack_dual(out)
-        except NotImplementedError:
+        except NotImplementedError as err:
+            if tried is not None:
+                raise NotImplementedError(f"jvp of {fn!r}: neither route applies. Two reverse passes: "
+                                          f"{tried}. Forward mode: {err}") from err
             return _jvp_by_two_vjps(fn, primals, tangents)
     return primal, torch.zeros_like(primal) if tangent is None else tangent
 
@@ -136,7 +141,8 @@ def _jvp_by_two_vjps(fn: Any, primals: tuple[Tensor, ...],
     """``J v = d/du <J^T u, v>``: the vjp is linear in ``u``, so its vjp against ``v`` is ``J v``.
 
     Raises ``NotImplementedError`` where the vjp is not differentiable in ``u`` (a custom autograd
-    Function without a double backward), rather than read a zero ``J v`` off it."""
+    Function without a double backward), rather than read a zero ``J v`` off it; so does a vjp
+    that is constant zero by its formula (``round``, ``sign``), whose ``J v`` forward mode then gives."""
     with torch.enable_grad():
         ps = [p.detach().requires_grad_(True) for p in primals]
         out = fn(*ps)

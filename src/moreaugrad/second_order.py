@@ -301,15 +301,16 @@ def _per_sample(site: Site) -> bool:
 def _state_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, per_sample: bool) -> Tensor:
     """The dense Jacobian of ``fn`` (batch first, like ``x``) in ``x``, ``(N_out, N_in)``.
 
-    Per sample, ``jacrev`` of ``sum_b fn(x)_b`` gives every sample's block with ``d_out`` vjps
+    Per sample, the Jacobian of ``sum_b fn(x)_b`` gives every sample's block with ``d_out`` vjps
     (sample ``b`` of the output depends on sample ``b`` of ``x`` only); the blocks are then placed on
-    the diagonal. Otherwise ``jacrev`` of the whole output (``N_out`` vjps).
+    the diagonal. Otherwise the Jacobian of the whole output (``N_out`` vjps). Both by
+    :func:`_jacrev_by_autograd` (``fn`` is a function of plain autograd).
     """
     if not per_sample:
-        J = jacrev(lambda y: fn(y).reshape(-1))(x)
+        (J,) = _jacrev_by_autograd(lambda y: fn(y).reshape(-1), (x,), (0,))
         return J.reshape(J.shape[0], -1)
     b = x.shape[0]
-    blocks = jacrev(lambda y: fn(y).sum(0))(x)              # (*out[1:], B, *in[1:])
+    (blocks,) = _jacrev_by_autograd(lambda y: fn(y).sum(0).reshape(-1), (x,), (0,))  # (d_out, B, *in[1:])
     d_in = x[0].numel()
     blocks = blocks.reshape(-1, b, d_in).transpose(0, 1)     # (B, d_out, d_in)
     eye = torch.eye(b, dtype=x.dtype, device=x.device)
@@ -361,13 +362,13 @@ def _regulariser(site: Site, names: list[str], v0: Tensor, hessian: bool) -> tup
 def _jacobians(fn: Callable[[Tensor, Tensor], Tensor], v0: Tensor, x0: Tensor, wrt_v: bool, wrt_x: bool,
                per_sample: bool) -> tuple[Tensor | None, Tensor | None]:
     """The dense Jacobians of ``fn(v, x)`` (flattened) in ``v`` (``N_out x rho``) and in ``x``
-    (``N_out x N_in``) by :func:`_jacrev_by_autograd`: one call for both, unless the ``x`` part is
-    taken per sample (:func:`_state_jacobian`; ``fn`` is then batch first). ``fn`` is a function
-    of plain autograd, not a ``torch.func`` transform."""
+    (``N_out x N_in``) by :func:`_jacrev_by_autograd` (the ``x`` part by :func:`_state_jacobian`
+    when it is taken per sample; ``fn`` is then batch first). ``fn`` is a function of plain
+    autograd, not a ``torch.func`` transform."""
     def flat(v: Tensor, y: Tensor) -> Tensor:
         return fn(v, y).reshape(-1)
 
-    if wrt_v and wrt_x and not per_sample:
+    if wrt_v and wrt_x and not per_sample:  # one call for both
         Jv, Jx = _jacrev_by_autograd(flat, (v0, x0), (0, 1))
         return Jv, Jx.reshape(Jx.shape[0], -1)
     Jv = _jacrev_by_autograd(flat, (v0, x0), (0,))[0] if wrt_v else None
@@ -415,17 +416,23 @@ def _linearise(site: Site, signal: CostToGo, curvature: Curvature) -> _Stage:
             def s(v: Tensor, y: Tensor) -> Tensor:
                 return (lam_d * f(v, y)).sum()
 
+            def grads(v: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+                """``(grad_v s, grad_x s)`` by a backward that is itself recorded, so that the
+                Jacobians of these are batched vjps (a leaf not differentiated outside is a copy)."""
+                v, y = (t if t.requires_grad else t.detach().requires_grad_() for t in (v, y))
+                sv = s(v, y)
+                gv, gx = (torch.autograd.grad(sv, (v, y), create_graph=True, allow_unused=True)
+                          if sv.requires_grad else (None, None))
+                return (torch.zeros_like(v) if gv is None else gv, torch.zeros_like(y) if gx is None else gx)
+
             def g_all(v: Tensor, y: Tensor) -> Tensor:  # (grad_x s, grad_v s), flattened
-                # by a backward that is itself recorded (the leaves' jacobian is its batched vjp)
-                v, y = (t if t.requires_grad else t.requires_grad_() for t in (v, y))
-                gv, gx = torch.autograd.grad(s(v, y), (v, y), create_graph=True, allow_unused=True)
-                gv, gx = (torch.zeros_like(t) if g is None else g for g, t in ((gv, v), (gx, y)))
+                gv, gx = grads(v, y)
                 return torch.cat([gx.reshape(-1), gv])
 
             n = x0.numel()
             if per_sample:  # P_{t-1} per sample from grad_x s; R_t, Q_t from one jacobian in v
                 Jv, _ = _jacobians(g_all, v0, x0, weighted, False, False)
-                P = _state_jacobian(lambda y: grad(s, argnums=1)(v0, y), x0, True) if state else None
+                P = _state_jacobian(lambda y: grads(v0, y)[1], x0, True) if state else None
             else:
                 Jv, Jx = _jacobians(g_all, v0, x0, weighted, state, False)
                 P = None if Jx is None else Jx[:n]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 from .checks import check_count
 from .types import SolveInfo
@@ -46,7 +47,8 @@ def negative_curvature(v: Values, s: Sequence[Tensor], y: Sequence[Tensor], z: S
     not at rounding level (``|s| > sqrt(eps) (1 + |z|)``): a witness of non-convexity. ``sy`` and
     ``ss`` are ``<s, y>`` and ``<s, s>``, per-group values of ``v``."""
     yy = v.dot(y, y)
-    resolved = ss > _eps(ss) * (1 + v.sqrt(v.dot(z, z))) ** 2
+    unit = 1 + v.sqrt(v.dot(z, z))
+    resolved = ss > _eps(ss) * (unit * unit)  # a product: numpy's ** 2 and torch's pow differ by an ulp
     return resolved & (sy < -CURVATURE_NOISE * v.sqrt(ss * yy))
 
 
@@ -147,9 +149,10 @@ class Proximal:
 class Pairing:
     """``data(z) = scale <lam, out(z) - offset>`` per group: the data term of a state problem,
     ``gamma <lam, phi_t(w, x + y) - x_t>`` (000 Prop. 2.2). :func:`value_and_grad` takes its
-    gradient as one vjp of ``out`` with ``scale lam``, the cotangent autograd would reach ``out``
-    with, not through the pairing's own operations: the same gradient with fewer autograd nodes,
-    which on a small state (the pendulum's) cost as much as the step itself."""
+    gradient as ``scale`` times one vjp of ``out`` with ``lam``, not through the pairing's own
+    operations: the same gradient (to rounding; bit for bit for a power-of-2 ``scale``) with fewer
+    autograd nodes, which on a small state (the pendulum's) cost as much as the step itself.
+    ``lam`` and ``offset`` have the shape of ``out(z)``."""
 
     out: Objective
     lam: Tensor
@@ -164,10 +167,18 @@ class Pairing:
         """``data(z)`` and its gradient (None for a tensor ``out`` does not depend on); ``z``
         requires grad."""
         out = self.out(z)
-        grads = (torch.autograd.grad(out, z, self.scale * self.lam, allow_unused=True)
-                 if out.requires_grad else (None,) * len(z))
         with torch.no_grad():
-            return self.scale * gdot([self.lam], [out - self.offset], self.groups), grads
+            value = self.scale * gdot([self.lam], [out - self.offset], self.groups)
+        if not out.requires_grad:
+            return value, (None,) * len(z)
+        # The backward starts from out's edge with lam itself, out let go and the scale applied
+        # after: out, or a scaled copy of lam, would be held for the whole backward (one activation
+        # more at the peak of a large stage). A power-of-2 scale (1, 0.5) commutes with every
+        # rounding: then the gradient is autograd's through the pairing bit for bit.
+        edge = get_gradient_edge(out)
+        del out
+        grads = torch.autograd.grad(edge, z, self.lam, allow_unused=True)
+        return value, tuple(None if g is None else g if self.scale == 1 else g * self.scale for g in grads)
 
 
 def value_and_grad(fun: Objective, z: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -207,6 +218,10 @@ class Tensors:
     def of(self, f: Tensor) -> Tensor:
         """A value of ``fun``, shape ``(G,)``."""
         return f
+
+    def given(self, t: Tensor) -> Tensor:
+        """A per-group value the caller gives (a ``scale``), in its own dtype."""
+        return t.reshape(-1)
 
     def dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
         return gdot(a, b, self.groups)
@@ -261,6 +276,9 @@ class Scalars(Tensors):
 
     def of(self, f: Tensor) -> Any:
         return self.type(f.item())
+
+    def given(self, t: Tensor) -> Any:
+        return self.TYPES.get(t.dtype, np.float64)(t.item())
 
     def dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> Any:
         # gdot's sum of per-tensor dots, in the same order and dtype, without its reshapes
@@ -367,7 +385,7 @@ def _run(v: Values, method: str, step: Step, fun: Objective, z: list[Tensor], f:
     # The residual ||g|| per group is formed only where a test needs it (gg is finite iff it is).
     gg = v.dot(g, g)
     res = None if tol is None else v.sqrt(gg)
-    bound = None if tol is None else tolerance(tol, res if scale is None else v.of(scale.reshape(-1)))
+    bound = None if tol is None else tolerance(tol, res if scale is None else v.given(scale))
     hist: History = []
     it, message = 0, ""
     while it < max_iter and (bound is None or v.any(res > bound)):
