@@ -356,12 +356,15 @@ def _evaluate(v: Values, fun: Objective, z: Sequence[Tensor]) -> Evaluated:
 
 
 def run(method: str, step: Step, fun: Objective, z0: Sequence[Tensor], tol: float | None, max_iter: int,
-        start: Start | None = None, scale: Tensor | None = None) -> tuple[list[Tensor], SolveInfo]:
+        start: Start | None = None, scale: Tensor | None = None,
+        pairs: bool = True) -> tuple[list[Tensor], SolveInfo]:
     """The loop every solver shares: ``z_{k+1} = step(v, fun, z_k, F_k, g_k, |g_k|^2, history, last)``.
 
     A step returns the new iterate and, if it already evaluated them there, ``(F, grad F)``;
     ``last`` tells it that no gradient will be taken at its result. Per-group values (``F``, inner
-    products, steps) are held as ``v`` says (:func:`values_for`).
+    products, steps) are held as ``v`` says (:func:`values_for`). The history keeps each step's
+    pair ``(s_k, y_k)`` only with ``pairs`` (L-BFGS); else only their inner products, and the
+    two iterate-sized tensors are freed at once.
 
     It stops when every group meets ``||g_g|| <= tolerance(tol, scale)_g`` (``scale`` defaults to
     ``||grad F(z0)||`` per group), at ``max_iter`` steps, at a non-finite value or gradient,
@@ -377,11 +380,12 @@ def run(method: str, step: Step, fun: Objective, z0: Sequence[Tensor], tol: floa
     v = values_for(f)
     f = v.of(f)
     with np.errstate(all="ignore"):  # numpy scalars: overflow and inf as in torch, silently
-        return _run(v, method, step, fun, z, f, g, tol, max_iter, scale)
+        return _run(v, method, step, fun, z, f, g, tol, max_iter, scale, pairs)
 
 
 def _run(v: Values, method: str, step: Step, fun: Objective, z: list[Tensor], f: Any, g: list[Tensor],
-         tol: float | None, max_iter: int, scale: Tensor | None) -> tuple[list[Tensor], SolveInfo]:
+         tol: float | None, max_iter: int, scale: Tensor | None,
+         pairs: bool) -> tuple[list[Tensor], SolveInfo]:
     # The residual ||g|| per group is formed only where a test needs it (gg is finite iff it is).
     gg = v.dot(g, g)
     res = None if tol is None else v.sqrt(gg)
@@ -409,7 +413,8 @@ def _run(v: Values, method: str, step: Step, fun: Objective, z: list[Tensor], f:
         if v.any(negative_curvature(v, s_k, y_k, z, sy, ss)):
             message = NOT_CONVEX
             break
-        hist.append((s_k, y_k, sy, ss))
+        hist.append((s_k, y_k, sy, ss) if pairs else ([], [], sy, ss))
+        del s_k, y_k
     if not message and not v.finite((f, gg), z):
         message = NON_FINITE
     if bound is None:
@@ -447,7 +452,7 @@ class GradientDescent:
         def step(v, fun, z, f, g, gg, hist, last):
             return [x - self.step * y for x, y in zip(z, g, strict=True)], None
 
-        return run("gradient descent", step, fun, z0, self.tol, self.max_iter, start, scale)
+        return run("gradient descent", step, fun, z0, self.tol, self.max_iter, start, scale, pairs=False)
 
 
 def goldstein(fun: Objective, z: list[Tensor], f: Any, g: list[Tensor], c: float = 0.25,
@@ -522,7 +527,7 @@ class QuasiNewton:
             return v.axpy(z, -s, g), evaluated
 
         return run("quasi-Newton (Goldstein + Barzilai-Borwein)", step, fun, z0, self.tol, self.max_iter,
-                   start, scale)
+                   start, scale, pairs=False)
 
 
 @dataclass(frozen=True)
