@@ -692,8 +692,8 @@ def test_an_accumulated_result_copies_prints_and_compares():
 
 # -- jvp of a small function by two reverse passes ----------------------------------------------
 
-class _Once(torch.autograd.Function):
-    """x^2 with a backward that cannot be differentiated again."""
+class _Square(torch.autograd.Function):
+    """x^2 with a backward that can be differentiated again, and no forward-mode formula."""
 
     @staticmethod
     def forward(ctx, x):
@@ -701,10 +701,33 @@ class _Once(torch.autograd.Function):
         return x * x
 
     @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _Once(_Square):
+    """x^2 with a backward that cannot be differentiated again."""
+
+    @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return 2 * x * g
+
+
+class _OnceWithJvp(_Once):
+    """The same, with a forward-mode formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.x = x
+        return x * x
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 2 * ctx.x * t
 
 
 def _jvp_cases():
@@ -739,15 +762,18 @@ def test_small_jvp_by_two_vjps_equals_forward_mode(name, monkeypatch):
     assert not jv.requires_grad and not out.requires_grad
 
 
-def test_jvp_refuses_a_vjp_that_cannot_be_differentiated():
-    # Reading J v off a backward that was cut would give zeros; both routes refuse it instead.
-    # Neither route applies here (no forward-mode formula either): the error names both.
-    x, v = torch.randn(3), torch.randn(3)
+@pytest.mark.parametrize("size", [3, mg.lstsq.SMALL_JVP + 1], ids=["small", "large"])
+def test_jvp_through_custom_functions(size):
+    # A part of J v cut by a once_differentiable backward is never read as zero: forward mode
+    # takes it where the Function has a jvp, else the error names both routes; a Function whose
+    # backward is differentiable gets J v by two vjps when it has no jvp.
+    x, v = torch.randn(size), torch.randn(size)
+    expected = (2 * x + x.exp()) * v
+    for function in (_Square, _OnceWithJvp):
+        _, jv = mg.lstsq.jvp(lambda a, f=function: f.apply(a) + a.exp(), (x,), (v,))
+        torch.testing.assert_close(jv, expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(NotImplementedError, match="neither route applies.*not differentiable.*jvp function"):
-        mg.lstsq.jvp(_Once.apply, (x,), (v,))
-    big = torch.randn(mg.lstsq.SMALL_JVP + 1)  # forward mode first, then the two passes
-    with pytest.raises(NotImplementedError, match="not differentiable"):
-        mg.lstsq.jvp(_Once.apply, (big,), (big,))
+        mg.lstsq.jvp(lambda a: _Once.apply(a) + a.exp(), (x,), (v,))
 
 
 def test_proxprop_on_the_pendulum_is_the_same_by_either_jvp(monkeypatch):

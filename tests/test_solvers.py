@@ -161,6 +161,8 @@ def one_group_problems(dtype):
         "steep": (steep, [zeros], None),
         "two tensors": (two, [torch.zeros(3, 5, dtype=dtype), torch.zeros(7, dtype=dtype)], None),
         "warm start": (smooth, [0.3 * torch.ones(1, 4, dtype=dtype)], torch.tensor([2.5], dtype=dtype)),
+        "warm start, a float64 scale": (smooth, [0.3 * torch.ones(1, 4, dtype=dtype)],
+                                        torch.tensor([0.1], dtype=torch.float64)),
         "non-convex": (nonconvex, [torch.full((1, 1), 0.05, dtype=dtype)], None),
         "non-finite": (beyond, [torch.full((1, 2), 2.0, dtype=dtype)], None),
     }

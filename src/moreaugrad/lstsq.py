@@ -32,6 +32,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import BackwardCFunction
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .chain import plain
@@ -115,51 +116,89 @@ def jvp(fn: Any, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> t
     # Attention through its math kernel: the fused CPU/GPU kernels have no forward-mode formula
     # and no double backward.
     with sdpa_kernel(SDPBackend.MATH):
-        tried: Exception | None = None  # why the two reverse passes did not apply
+        tried = ""  # why the two reverse passes did not apply (text: an exception would hold their graph)
         if sum(p.numel() for p in primals) <= SMALL_JVP:
             try:
-                return _jvp_by_two_vjps(fn, primals, tangents)
+                return _jvp_by_two_vjps(fn, primals, tangents, custom=False)
+            except _CustomFunction:  # forward mode first, then the two passes again
+                pass
             except (NotImplementedError, RuntimeError) as err:  # no double backward: try forward mode
                 if not isinstance(err, NotImplementedError) and "not implemented" not in str(err):
                     raise
-                tried = err
+                tried = str(err)
         _load_forward_ad()
         try:
             with fwAD.dual_level():
                 out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)))
                 primal, tangent = fwAD.unpack_dual(out)
         except NotImplementedError as err:
-            if tried is not None:
-                raise NotImplementedError(f"jvp of {fn!r}: neither route applies. Two reverse passes: "
-                                          f"{tried}. Forward mode: {err}") from err
-            return _jvp_by_two_vjps(fn, primals, tangents)
+            if not tried:
+                try:
+                    return _jvp_by_two_vjps(fn, primals, tangents)
+                except NotImplementedError as again:
+                    tried = str(again)
+            raise NotImplementedError(f"jvp of {fn!r}: neither route applies. Two reverse passes: "
+                                      f"{tried}. Forward mode: {err}") from err
     return primal, torch.zeros_like(primal) if tangent is None else tangent
 
 
-def _jvp_by_two_vjps(fn: Any, primals: tuple[Tensor, ...],
-                     tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+def _jvp_by_two_vjps(fn: Any, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...],
+                     custom: bool = True) -> tuple[Tensor, Tensor]:
     """``J v = d/du <J^T u, v>``: the vjp is linear in ``u``, so its vjp against ``v`` is ``J v``.
 
-    Raises ``NotImplementedError`` where the vjp is not differentiable in ``u`` (a custom autograd
-    Function without a double backward), rather than read a zero ``J v`` off it; so does a vjp
-    that is constant zero by its formula (``round``, ``sign``), whose ``J v`` forward mode then gives."""
+    Raises ``NotImplementedError`` rather than read a wrong ``J v`` off a vjp that is not
+    differentiable in ``u``: where no gradient reaches ``u`` at all, and where a custom autograd
+    Function's ``once_differentiable`` backward cut a part of it. A custom Function whose backward
+    detaches its result cannot be told apart, so with ``custom=False`` (:func:`jvp`'s first try) a
+    graph with any custom Function is refused, and forward mode (its ``jvp``) goes first. A vjp
+    that is constant zero by its formula (``round``, ``sign``) is refused too; forward mode gives
+    its ``J v``."""
     with torch.enable_grad():
         ps = [p.detach().requires_grad_(True) for p in primals]
         out = fn(*ps)
         if not out.requires_grad:  # out does not depend on the primals
             return out.detach(), torch.zeros_like(out)
+        functions = _graph_has([out], lambda node: isinstance(node, BackwardCFunction))
+        if functions and not custom:
+            raise _CustomFunction(f"jvp: {fn!r} calls a custom autograd Function: forward mode first")
         u = torch.zeros_like(out, requires_grad=True)
         gs = torch.autograd.grad(out, ps, u, create_graph=True, allow_unused=True)
         used = [(g, t) for g, t in zip(gs, tangents, strict=True) if g is not None]
         if not used:  # no primal reaches out
             return out.detach(), torch.zeros_like(out)
         # Each used g is J_i^T u: linear in u, so a second pass reaches u unless the first one cut it.
-        jv = None if any(not g.requires_grad for g, _ in used) else torch.autograd.grad(
-            [g for g, _ in used], u, [t for _, t in used], allow_unused=True)[0]
+        cut = any(not g.requires_grad for g, _ in used) or (
+            functions and _graph_has([g for g, _ in used], _once_differentiable))
+        jv = None if cut else torch.autograd.grad([g for g, _ in used], u, [t for _, t in used],
+                                                  allow_unused=True)[0]
         if jv is None:
             raise NotImplementedError(f"jvp: the vjp of {fn!r} is not differentiable (an autograd Function "
                                       f"without a double backward?), so J v cannot be taken by two vjps")
     return out.detach(), jv.detach()
+
+
+class _CustomFunction(NotImplementedError):
+    """:func:`_jvp_by_two_vjps` defers a graph with a custom autograd Function to forward mode."""
+
+
+def _once_differentiable(node: Any) -> bool:
+    """The node a ``once_differentiable`` backward leaves in a recorded gradient (it raises if run)."""
+    return type(node).__name__ == "Error"
+
+
+def _graph_has(roots: list[Tensor], test: Any) -> bool:
+    """Whether the autograd graph behind ``roots`` holds a node that passes ``test``."""
+    seen: set[Any] = set()
+    stack = [t.grad_fn for t in roots]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if test(node):
+            return True
+        seen.add(node)
+        stack.extend(f for f, _ in node.next_functions)
+    return False
 
 
 EXACT_RESIDUAL = 8  # in units of eps ||b||: a CG residual at the rounding of the right-hand side

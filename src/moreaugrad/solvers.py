@@ -178,7 +178,8 @@ class Pairing:
         edge = get_gradient_edge(out)
         del out
         grads = torch.autograd.grad(edge, z, self.lam, allow_unused=True)
-        return value, tuple(None if g is None else g if self.scale == 1 else g * self.scale for g in grads)
+        unit = isinstance(self.scale, int | float) and self.scale == 1
+        return value, tuple(None if g is None else g if unit else g * self.scale for g in grads)
 
 
 def value_and_grad(fun: Objective, z: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
