@@ -3,7 +3,9 @@
 Every subproblem has the form ``min_z F(z)`` where ``z`` is a list of tensors and ``F`` returns one
 value per *group*: ``G = B`` groups (one per sample) for problems that separate over the batch
 (every state rule on a stage that does not mix samples), ``G = 1`` otherwise. Step sizes, line
-searches and convergence are per group, with no Python loop over samples.
+searches and convergence are per group, with no Python loop over samples. The per-group values
+are tensors of shape ``(G,)`` (:class:`Tensors`), or, for one group on the CPU, numpy scalars
+(:class:`Scalars`): the same arithmetic without a tensor operation per scalar.
 
 Each solver has one method ``solve(fun, z0, start=None, scale=None) -> (z, SolveInfo)`` and reports
 its iterations, the final residual ``max_g ||grad_g F||`` and whether it met its tolerance.
