@@ -16,6 +16,7 @@ In float64, against dense solves of the same regularised quadratic models built 
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -372,3 +373,23 @@ def test_config_rules():
         methods.rule({"rule": "gauss_newton", "method": "lbfgs"})
     with pytest.raises(ValueError, match="newton: gamma must be"):
         methods.rule({"rule": "newton", "gamma": 0.0})
+
+
+@pytest.mark.parametrize("gamma", [1e-3, 0.3])
+@pytest.mark.parametrize("kind", ["gauss_newton", "newton"])
+@pytest.mark.parametrize("batch", [1, 5], ids=["whole", "per_sample"])
+def test_float32_steps_equal_float64(batch, kind, gamma):
+    # The dense stage Jacobians and Hessian blocks (batched vjps, a recorded backward) in float32
+    # against float64, at a small and a large step: measured 2e-7 to 4e-7.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(16)
+        m32 = nn.Sequential(nn.Linear(3, 5), nn.Softplus(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+        x32, y32 = torch.randn(batch, 3), torch.randn(batch, 2)
+    m64 = copy.deepcopy(m32).double()
+    rule = RULES[kind](gamma)
+    d32 = mg.Oracle(m32, mg.losses.SquaredLoss(), rule)(x32, y32).directions
+    d64 = mg.Oracle(m64, mg.losses.SquaredLoss(), rule)(x32.double(), y32.double()).directions
+    for a, b in zip(d32, d64, strict=True):
+        for n in a or {}:
+            assert a[n].dtype == torch.float32
+            assert float((a[n].double() - b[n]).abs().max() / b[n].abs().max()) < 1e-5, (n, kind)
